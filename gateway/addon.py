@@ -1,0 +1,596 @@
+"""The seam: the only code that touches mitmproxy flows.
+
+It turns connections and requests into `RequestFacts`, asks the policy core, and applies the answer (refuse, splice,
+intercept, pin the dialled address), writing one audit line per decision. It decides nothing itself.
+
+Fail closed: mitmproxy logs an exception raised in a hook and lets the flow go on. Every hook here is wrapped so
+that an exception instead refuses what the hook was about (403 for a request, a killed connection otherwise) and
+is audited as a `hook_error` security event.
+
+The order of checks on every path is: who is asking (identity), where to (normalised host = SNI = CONNECT authority,
+absolute URL = Host), is that allowed (policy), and where exactly will we connect (the gateway's own DNS answer,
+classified). The upstream connection is only ever made to an address pinned by those checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+from mitmproxy import connection, http, tcp, tls
+from mitmproxy.proxy import server_hooks
+
+from .audit import AuditLog, redact_path
+from .audit import fields as F
+from .policies import (
+    CompiledPolicy,
+    Decision,
+    HostError,
+    IPAddress,
+    Identity,
+    Reason,
+    RequestFacts,
+    Scheme,
+    Verdict,
+    normalize_host,
+    parse_ip_literal,
+)
+from .resolver import Resolver
+
+__all__ = ["EgressAddon", "GatewayState"]
+
+log = logging.getLogger("cube_egress.gateway")
+
+# Denials that are attacks or misconfigurations worth a separate security event, by the reason that caused them.
+_SECURITY_KIND: dict[Reason, str] = {
+    Reason.HOST_MISMATCH: "host_mismatch",
+    Reason.BAD_HOST: "host_mismatch",
+    Reason.ADDRESS_REFUSED: "address_refused",
+    Reason.DESTINATION_NOT_IN_ANSWERS: "destination_not_in_answers",
+    Reason.IP_LITERAL_NOT_ALLOWED: "ip_literal_refused",
+    Reason.GATEWAY_LOOP: "gateway_loop",
+    Reason.AMBIGUOUS_PATH: "ambiguous_path",
+    Reason.BAD_PROXY_TOKEN: "bad_proxy_token",
+    Reason.UNKNOWN_SANDBOX: "unknown_sandbox",
+    Reason.PROTOCOL_NOT_ALLOWED: "protocol_not_allowed",
+    Reason.GATEWAY_ERROR: "hook_error",
+}
+_DEFAULT_PORT = {"http": 80, "https": 443}
+# Percent-encoded separators and dot segments make a path mean different things to the policy and to the upstream.
+_AMBIGUOUS_PATH_TOKENS = ("%2f", "%5c", "%2e", "\\", "%00")
+
+
+@dataclass
+class GatewayState:
+    """What the addon reads: swapped as a whole on policy reload, never mutated in place."""
+
+    policy: CompiledPolicy
+    resolver: Resolver
+    audit: AuditLog
+    transparent: bool
+    gateway_addresses: frozenset[IPAddress] = frozenset()
+    gateway_ports: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Conn:
+    """Per client connection: who it is, what it asked to reach, and the addresses we agreed to dial."""
+
+    source: str
+    identity: Identity | None = None
+    authority: tuple[str, int] | None = None  # explicit CONNECT target, normalised
+    tls_name: str | None = None  # normalised SNI
+    tcp_allowed: Decision | None = None  # a 'tcp' rule allowed this CONNECT: relay bytes, never inspect
+    splice: Decision | None = None  # connection-phase allow that needs no interception
+    refused: Decision | None = None  # every request on this connection gets this answer
+    pinned: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class _FlowInfo:
+    decision: Decision
+    facts: RequestFacts
+    upstream: str | None = None
+
+
+class _Refusal(Exception):
+    """Internal: a check failed; carries the decision to answer with."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.reason)
+        self.decision = decision
+
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+def _fail_closed(hook: H) -> H:
+    """Run a hook; on any exception refuse what it was about and audit it (see module docstring)."""
+    if inspect.iscoroutinefunction(hook):
+
+        @functools.wraps(hook)
+        async def async_wrapper(self: EgressAddon, arg: Any) -> None:
+            try:
+                await hook(self, arg)
+            except Exception as e:
+                self._on_hook_error(hook.__name__, arg, e)
+
+        return async_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(hook)
+    def wrapper(self: EgressAddon, arg: Any) -> None:
+        try:
+            hook(self, arg)
+        except Exception as e:
+            self._on_hook_error(hook.__name__, arg, e)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _split_authority(authority: str, default_port: int) -> tuple[str, int]:
+    """`host`, `host:port` or `[v6]:port` -> (normalised host, port). Raises HostError."""
+    a = authority.strip()
+    if a.startswith("["):
+        end = a.find("]")
+        if end == -1:
+            raise HostError(f"bad authority {authority!r}")
+        host, rest = a[: end + 1], a[end + 1 :]
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and port_text is None:
+            raise HostError(f"bad authority {authority!r}")
+    elif a.count(":") == 1:
+        host, port_text = a.split(":")
+    else:
+        host, port_text = a, None
+    if port_text is None or port_text == "":
+        port = default_port
+    elif port_text.isdigit() and 0 < int(port_text) < 65536:
+        port = int(port_text)
+    else:
+        raise HostError(f"bad port in {authority!r}")
+    return normalize_host(host), port
+
+
+def _deny_body(decision: Decision) -> bytes:
+    # Only the rule and the reason: nothing internal (no addresses, no policy text) reaches the sandbox.
+    return orjson.dumps({"rule": decision.rule_id, "reason": str(decision.reason)})
+
+
+class EgressAddon:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self._conns: dict[str, _Conn] = {}
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> CompiledPolicy:
+        return self.state.policy
+
+    def _conn(self, client: connection.Client) -> _Conn:
+        conn = self._conns.get(client.id)
+        if conn is None:
+            # client_connected always runs first; if it did not, we know nothing about this client: refuse.
+            conn = _Conn(source=f"{client.peername[0]}:{client.peername[1]}")
+            conn.refused = self.policy.deny(Reason.UNKNOWN_SANDBOX, None, detail="connection state missing")
+            self._conns[client.id] = conn
+        return conn
+
+    def _source_ip(self, conn: _Conn) -> str:
+        return conn.source.rsplit(":", 1)[0]
+
+    def _audit_decision(self, conn: _Conn, decision: Decision, facts: RequestFacts | None, **extra: Any) -> None:
+        record: dict[str, Any] = {
+            F.SANDBOX: decision.sandbox_id,
+            F.SOURCE: conn.source,
+            F.POLICY_HASH: decision.policy_hash,
+            F.VERDICT: str(decision.verdict),
+            F.MODE: str(decision.mode),
+            F.RULE: decision.rule_id,
+            F.REASON: str(decision.reason),
+            F.PHASE: "connection" if facts is None or facts.is_connection_phase else "request",
+            F.CREDENTIAL: decision.credential.name if decision.credential else None,
+        }
+        if facts is not None:
+            record.update(
+                {
+                    F.SCHEME: str(facts.scheme),
+                    F.HOST: facts.host,
+                    F.PORT: facts.port,
+                    F.METHOD: facts.method,
+                    F.PATH: redact_path(facts.path) if facts.path is not None else None,
+                }
+            )
+        record.update(extra)
+        self.state.audit.decision(**record)
+        kind = _SECURITY_KIND.get(decision.reason)
+        if kind is not None:
+            self.state.audit.security(
+                kind,
+                **{
+                    F.SANDBOX: decision.sandbox_id,
+                    F.SOURCE: conn.source,
+                    F.POLICY_HASH: decision.policy_hash,
+                    F.HOST: facts.host if facts else None,
+                    F.PORT: facts.port if facts else None,
+                    F.DETAIL: decision.detail,
+                },
+            )
+
+    def _respond(self, flow: http.HTTPFlow, decision: Decision, status: int = 403) -> None:
+        headers = {"Content-Type": "application/json", "Connection": "close"}
+        if decision.reason is Reason.BAD_PROXY_TOKEN:
+            status = 407
+            headers["Proxy-Authenticate"] = 'Basic realm="cube-egress"'
+        flow.response = http.Response.make(status, _deny_body(decision), headers)
+
+    def _identify(self, conn: _Conn, proxy_authorization: str | None) -> Identity:
+        """A Proxy-Authorization token names the sandbox; otherwise its source address does."""
+        if proxy_authorization is not None:
+            token = _token_from_header(proxy_authorization)
+            identity = self.policy.identify_by_token(token, conn.source) if token is not None else None
+            if identity is None:
+                raise _Refusal(self.policy.deny(Reason.BAD_PROXY_TOKEN, None))
+            return identity
+        identity = self.policy.identify_by_source(self._source_ip(conn))
+        if identity is None:
+            raise _Refusal(self.policy.deny(Reason.UNKNOWN_SANDBOX, None, detail=conn.source))
+        return Identity(identity.sandbox_id, conn.source)
+
+    async def _authorize_destination(self, conn: _Conn, identity: Identity, facts: RequestFacts) -> tuple[str, int]:
+        """Resolve with our own resolver, classify every answer, and remember the address to dial."""
+        resolution = await self.state.resolver.resolve(facts.host)
+        check = self.policy.check_addresses(
+            identity, facts, resolution.addresses, self.state.gateway_addresses, self.state.gateway_ports
+        )
+        if check.decision is not None:
+            raise _Refusal(check.decision)
+        target = (str(check.allowed[0]), facts.port)
+        conn.pinned[(facts.host, facts.port)] = target
+        return target
+
+    async def _check_original_destination(self, conn: _Conn, identity: Identity, facts: RequestFacts, dst: str) -> None:
+        """Transparent mode: the sandbox chose where its packets went; that address must be one of *our* answers
+        for the name it claims (SNI/Host), or a forged /etc/hosts entry could steer an allowed name anywhere."""
+        dst_ip = parse_ip_literal(dst)
+        if dst_ip is None:
+            raise _Refusal(self.policy.deny(Reason.BAD_HOST, identity, detail=f"original destination {dst!r}"))
+        if parse_ip_literal(facts.host) is None:
+            resolution = await self.state.resolver.resolve(facts.host)
+            if dst_ip not in resolution.addresses:
+                raise _Refusal(
+                    self.policy.deny(
+                        Reason.DESTINATION_NOT_IN_ANSWERS, identity, detail=f"{facts.host} -> {dst_ip} not in our answers"
+                    )
+                )
+        elif dst_ip != parse_ip_literal(facts.host):
+            raise _Refusal(self.policy.deny(Reason.HOST_MISMATCH, identity, detail=f"{facts.host} != {dst_ip}"))
+        check = self.policy.check_addresses(
+            identity, facts, (dst_ip,), self.state.gateway_addresses, self.state.gateway_ports
+        )
+        if check.decision is not None:
+            raise _Refusal(check.decision)
+        conn.pinned[(str(dst_ip), facts.port)] = (str(dst_ip), facts.port)
+
+    # -- connection hooks ---------------------------------------------------------------------------------------
+
+    @_fail_closed
+    def client_connected(self, client: connection.Client) -> None:
+        conn = _Conn(source=f"{client.peername[0]}:{client.peername[1]}")
+        self._conns[client.id] = conn
+        if self.state.transparent:
+            try:
+                conn.identity = self._identify(conn, None)
+            except _Refusal as r:
+                # Keep the connection so the refusal can be answered (and audited) at the first request.
+                conn.refused = r.decision
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._conns.pop(client.id, None)
+
+    @_fail_closed
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Explicit CONNECT: identity, authority and policy are checked, and the destination resolved and pinned,
+        before any upstream connection exists; a refusal here never reaches the network."""
+        conn = self._conn(flow.client_conn)
+        proxy_auth = flow.request.headers.get("Proxy-Authorization")
+        flow.request.headers.pop("Proxy-Authorization", None)
+        facts: RequestFacts | None = None
+        try:
+            identity = self._identify(conn, proxy_auth)
+            conn.identity = identity
+            try:
+                host, port = _split_authority(f"{flow.request.host}:{flow.request.port}", 443)
+            except HostError as e:
+                raise _Refusal(self.policy.deny(Reason.BAD_HOST, identity, detail=str(e))) from None
+            conn.authority = (host, port)
+            tcp_facts = RequestFacts(Scheme.TCP, host, port)
+            tcp_decision = self.policy.decide(identity, tcp_facts)
+            if tcp_decision.verdict is Verdict.ALLOW:
+                facts = tcp_facts
+                await self._authorize_destination(conn, identity, facts)
+                conn.tcp_allowed = tcp_decision
+                return
+            facts = RequestFacts(Scheme.HTTPS, host, port)
+            decision = self.policy.decide(identity, facts)
+            if decision.blocks:
+                raise _Refusal(decision)
+            await self._authorize_destination(conn, identity, facts)
+            if not decision.intercept:
+                conn.splice = decision
+        except _Refusal as r:
+            self._audit_decision(conn, r.decision, facts)
+            self._respond(flow, r.decision)
+
+    @_fail_closed
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        conn = self._conn(data.context.client)
+        if conn.refused is not None:
+            return  # intercept, so the refusal is answered as a 403 at the first request
+        sni_raw = data.client_hello.sni
+        try:
+            sni = normalize_host(sni_raw) if sni_raw else None
+        except HostError as e:
+            self._refuse_connection(conn, self.policy.deny(Reason.BAD_HOST, conn.identity, detail=str(e)))
+            return
+        conn.tls_name = sni
+        if not self.state.transparent:
+            if conn.tcp_allowed is not None:
+                data.ignore_connection = True  # a 'tcp' rule: bytes are relayed as they are
+                self._audit_connection(conn, conn.tcp_allowed, RequestFacts(Scheme.TCP, *conn.authority or ("", 0)))
+                return
+            if conn.authority is None:
+                self._refuse_connection(conn, self.policy.deny(Reason.BAD_HOST, None, detail="TLS without CONNECT"))
+                return
+            if sni is not None and sni != conn.authority[0]:
+                self._refuse_connection(
+                    conn,
+                    self.policy.deny(Reason.HOST_MISMATCH, conn.identity, detail=f"SNI {sni} != CONNECT {conn.authority[0]}"),
+                )
+                return
+            if conn.splice is not None:
+                data.ignore_connection = True
+                self._audit_connection(conn, conn.splice, RequestFacts(Scheme.HTTPS, *conn.authority))
+            return
+        # Transparent: the name comes from SNI, the port and address from the original destination.
+        dst = data.context.server.address
+        if dst is None or conn.identity is None:
+            self._refuse_connection(conn, self.policy.deny(Reason.UNKNOWN_SANDBOX, conn.identity))
+            return
+        facts = RequestFacts(Scheme.HTTPS, sni or normalize_host(dst[0]), dst[1])
+        try:
+            decision = self.policy.decide(conn.identity, facts)
+            if decision.blocks:
+                raise _Refusal(decision)
+            await self._check_original_destination(conn, conn.identity, facts, dst[0])
+        except _Refusal as r:
+            self._refuse_connection(conn, r.decision)
+            return
+        if not decision.intercept:
+            data.ignore_connection = True
+            self._audit_connection(conn, decision, facts)
+
+    def _refuse_connection(self, conn: _Conn, decision: Decision) -> None:
+        """Mark the connection refused; the TLS handshake is intercepted so the sandbox gets a readable 403 (and no
+        upstream connection is made: every server_connect for it is refused)."""
+        conn.refused = decision
+
+    def _audit_connection(self, conn: _Conn, decision: Decision, facts: RequestFacts) -> None:
+        self._audit_decision(conn, decision, facts, **{F.INTERCEPTED: False})
+
+    @_fail_closed
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Dial only what the checks pinned. Anything else (a name nobody checked) is refused here, as the last line."""
+        conn = self._conns.get(data.client.id)
+        address = data.server.address
+        if conn is None or conn.refused is not None or address is None:
+            data.server.error = "refused by cube-egress: connection not authorised"
+            return
+        try:
+            key = (normalize_host(str(address[0])), int(address[1]))
+        except HostError:
+            data.server.error = "refused by cube-egress: bad destination"
+            return
+        target = conn.pinned.get(key)
+        if target is None:
+            data.server.error = "refused by cube-egress: destination not authorised"
+            return
+        data.server.address = target
+
+    @_fail_closed
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        """Non-HTTP bytes: only a CONNECT that a 'tcp' rule allowed may carry them."""
+        conn = self._conn(flow.client_conn)
+        if conn.tcp_allowed is not None and not self.state.transparent:
+            self._audit_connection(conn, conn.tcp_allowed, RequestFacts(Scheme.TCP, *conn.authority or ("", 0)))
+            return
+        decision = self.policy.deny(Reason.PROTOCOL_NOT_ALLOWED, conn.identity, detail="non-HTTP traffic")
+        self._audit_decision(conn, decision, None)
+        flow.kill()
+
+    # -- request hooks ------------------------------------------------------------------------------------------
+
+    @_fail_closed
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        conn = self._conn(flow.client_conn)
+        facts: RequestFacts | None = None
+        try:
+            if conn.refused is not None:
+                raise _Refusal(conn.refused)
+            facts, identity = self._request_facts(conn, flow)
+            decision = self.policy.decide(identity, facts)
+            if decision.blocks:
+                raise _Refusal(decision)
+            if self.state.transparent:
+                dst = flow.server_conn.address
+                if dst is None:
+                    raise _Refusal(self.policy.deny(Reason.UNKNOWN_SANDBOX, identity))
+                await self._check_original_destination(conn, identity, facts, str(dst[0]))
+            elif (facts.host, facts.port) not in conn.pinned:
+                await self._authorize_destination(conn, identity, facts)
+            flow.metadata["cube_egress"] = _FlowInfo(decision, facts)
+        except _Refusal as r:
+            extra = {} if facts is not None else {F.PHASE: "request", F.METHOD: flow.request.method, F.PATH: redact_path(flow.request.path)}
+            self._audit_decision(conn, r.decision, facts, **extra)
+            self._respond(flow, r.decision)
+
+    def _request_facts(self, conn: _Conn, flow: http.HTTPFlow) -> tuple[RequestFacts, Identity]:
+        req = flow.request
+        proxy_auth = req.headers.get("Proxy-Authorization")
+        req.headers.pop("Proxy-Authorization", None)
+        identity = conn.identity
+        if not self.state.transparent and conn.authority is None:
+            # A plain proxy request (no CONNECT): each request names its sandbox (source or token).
+            identity = self._identify(conn, proxy_auth)
+        if identity is None:
+            raise _Refusal(self.policy.deny(Reason.UNKNOWN_SANDBOX, None, detail=conn.source))
+        scheme = req.scheme if req.scheme in _DEFAULT_PORT else "http"
+        hosts = req.headers.get_all("Host")
+        if len(hosts) > 1:
+            raise _Refusal(self.policy.deny(Reason.BAD_HOST, identity, detail="duplicate Host header"))
+        host_value = req.host_header
+        if not host_value:
+            raise _Refusal(self.policy.deny(Reason.BAD_HOST, identity, detail="missing Host"))
+        if hosts and req.authority and (req.is_http2 or req.is_http3) and hosts[0] != req.authority:
+            raise _Refusal(self.policy.deny(Reason.HOST_MISMATCH, identity, detail=":authority != Host"))
+        try:
+            host, port = _split_authority(host_value, _DEFAULT_PORT[scheme])
+        except HostError as e:
+            raise _Refusal(self.policy.deny(Reason.BAD_HOST, identity, detail=str(e))) from None
+
+        def mismatch(what: str, other: tuple[str, int]) -> _Refusal:
+            return _Refusal(
+                self.policy.deny(Reason.HOST_MISMATCH, identity, detail=f"Host {host}:{port} != {what} {other[0]}:{other[1]}")
+            )
+
+        if self.state.transparent:
+            dst = flow.server_conn.address
+            if dst is not None and dst[1] != port:
+                raise mismatch("original destination", (str(dst[0]), dst[1]))
+            if conn.tls_name is not None and conn.tls_name != host:
+                raise mismatch("SNI", (conn.tls_name, port))
+        elif conn.authority is None:
+            # mitmproxy has already moved the absolute-form URL into host/port (and blanked the authority for
+            # HTTP/1); an origin-form request sent straight to the proxy lands here with host from Host.
+            try:
+                url_target = _split_authority(f"{req.host}:{req.port}", _DEFAULT_PORT[scheme])
+            except HostError as e:
+                raise _Refusal(self.policy.deny(Reason.BAD_HOST, identity, detail=str(e))) from None
+            if url_target != (host, port):
+                raise mismatch("absolute URL", url_target)
+        else:
+            if conn.authority != (host, port):
+                raise mismatch("CONNECT", conn.authority)
+            if conn.tls_name is not None and conn.tls_name != host:
+                raise mismatch("SNI", (conn.tls_name, port))
+        path = req.path
+        if _is_ambiguous_path(path):
+            raise _Refusal(self.policy.deny(Reason.AMBIGUOUS_PATH, identity, detail=redact_path(path)))
+        headers = tuple((k.lower(), v) for k, v in req.headers.items(multi=True))
+        return RequestFacts(Scheme(scheme), host, port, req.method, path, headers), identity
+
+    @_fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._audit_flow(flow)
+
+    @_fail_closed
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._audit_flow(flow)
+
+    def _audit_flow(self, flow: http.HTTPFlow) -> None:
+        info = flow.metadata.get("cube_egress")
+        if not isinstance(info, _FlowInfo):
+            return  # refused in requestheaders: already audited there
+        conn = self._conns.get(flow.client_conn.id) or _Conn(source=f"{flow.client_conn.peername[0]}:{flow.client_conn.peername[1]}")
+        resp = flow.response
+        started = flow.request.timestamp_start
+        ended = (resp.timestamp_end if resp is not None else None) or time.time()
+        peer = flow.server_conn.peername
+        self._audit_decision(
+            conn,
+            info.decision,
+            info.facts,
+            **{
+                F.INTERCEPTED: True,
+                F.UPSTREAM_ADDRESS: f"{peer[0]}:{peer[1]}" if peer else None,
+                F.UPSTREAM_STATUS: resp.status_code if resp is not None else None,
+                F.BYTES_IN: len(flow.request.raw_content or b""),
+                F.BYTES_OUT: len(resp.raw_content or b"") if resp is not None else 0,
+                F.DURATION_MS: round((ended - started) * 1000, 3),
+                F.ERROR: flow.error.msg if flow.error else None,
+            },
+        )
+
+    # -- failure ------------------------------------------------------------------------------------------------
+
+    def _on_hook_error(self, hook: str, arg: Any, exc: Exception) -> None:
+        log.error("hook %s failed (%s); refusing", hook, type(exc).__name__, exc_info=exc)
+        decision = self.policy.deny(Reason.GATEWAY_ERROR, None, detail=f"{hook}: {type(exc).__name__}")
+        client = _client_of(arg)
+        conn = self._conns.get(client.id) if client is not None else None
+        if conn is not None:
+            conn.refused = decision
+            conn.splice = None
+            conn.tcp_allowed = None
+        self.state.audit.security(
+            "hook_error",
+            **{F.SOURCE: conn.source if conn else None, F.POLICY_HASH: decision.policy_hash, F.DETAIL: decision.detail},
+        )
+        if isinstance(arg, http.HTTPFlow):
+            self._respond(arg, decision)
+            arg.metadata.pop("cube_egress", None)
+        elif isinstance(arg, tls.ClientHelloData):
+            arg.ignore_connection = False
+        elif isinstance(arg, server_hooks.ServerConnectionHookData):
+            arg.server.error = "refused by cube-egress: gateway error"
+        elif isinstance(arg, tcp.TCPFlow):
+            arg.kill()
+        elif isinstance(arg, connection.Client):
+            arg.error = "refused by cube-egress: gateway error"
+
+
+def _client_of(arg: Any) -> connection.Client | None:
+    if isinstance(arg, connection.Client):
+        return arg
+    if isinstance(arg, http.HTTPFlow | tcp.TCPFlow):
+        return arg.client_conn
+    if isinstance(arg, tls.ClientHelloData):
+        return arg.context.client
+    if isinstance(arg, server_hooks.ServerConnectionHookData):
+        return arg.client
+    return None
+
+
+def _token_from_header(value: str) -> str | None:
+    """`Basic base64(user:token)` (what curl -x http://user:token@gw sends) or `Bearer token`."""
+    scheme, _, param = value.strip().partition(" ")
+    if scheme.lower() == "bearer" and param:
+        return param.strip()
+    if scheme.lower() == "basic" and param:
+        try:
+            decoded = base64.b64decode(param.strip(), validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        _, _, token = decoded.partition(":")
+        return token or None
+    return None
+
+
+def _is_ambiguous_path(path: str) -> bool:
+    bare = path.split("?", 1)[0]
+    lowered = bare.lower()
+    if any(t in lowered for t in _AMBIGUOUS_PATH_TOKENS):
+        return True
+    segments = bare.split("/")
+    return any(s in (".", "..") for s in segments)
+
+

@@ -1,0 +1,52 @@
+"""Audit field names, in one place: the audit line is an interface that compliance exports and SIEMs parse."""
+
+from __future__ import annotations
+
+# every record
+TIME = "time"  # RFC 3339, UTC, microseconds
+EVENT = "event"  # EVENT_DECISION | EVENT_SECURITY
+SANDBOX = "sandbox"
+SOURCE = "source"  # sandbox address as seen by the gateway ("ip:port")
+POLICY_HASH = "policy_hash"
+
+# decision records
+PHASE = "phase"  # "connection" (CONNECT / TLS ClientHello, spliced or refused) | "request"
+METHOD = "method"
+SCHEME = "scheme"
+HOST = "host"
+PORT = "port"
+PATH = "path"  # query values redacted
+VERDICT = "verdict"
+RULE = "rule"
+MODE = "mode"
+REASON = "reason"
+INTERCEPTED = "intercepted"
+CREDENTIAL = "credential"  # the credential's name, never its value
+UPSTREAM_ADDRESS = "upstream_address"
+UPSTREAM_STATUS = "upstream_status"
+BYTES_IN = "bytes_in"  # request body bytes from the sandbox
+BYTES_OUT = "bytes_out"  # response body bytes to the sandbox
+DURATION_MS = "duration_ms"
+ERROR = "error"
+
+# security events
+KIND = "kind"  # one of SECURITY_KINDS
+DETAIL = "detail"
+
+EVENT_DECISION = "decision"
+EVENT_SECURITY = "security"
+
+SECURITY_KINDS = frozenset(
+    {
+        "host_mismatch",
+        "address_refused",
+        "destination_not_in_answers",
+        "ip_literal_refused",
+        "gateway_loop",
+        "ambiguous_path",
+        "bad_proxy_token",
+        "unknown_sandbox",
+        "protocol_not_allowed",
+        "hook_error",
+    }
+)

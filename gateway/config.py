@@ -1,0 +1,144 @@
+"""Gateway configuration: one YAML file (version 1), validated strictly like policies, or the embedded default.
+
+The embedded default is what the README's run command uses: an explicit proxy on loopback, the example policies in
+`policies/`, and a development secret file. Relative paths in a config file are relative to that file; in the
+embedded default they are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import os
+from typing import Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from .policies._yaml import YamlLoadError, load_yaml
+
+__all__ = ["ConfigError", "GatewayConfig", "load_config", "default_config"]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _C(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_C):
+    host: str = "127.0.0.1"
+    port: int = Field(default=3128, ge=1, le=65535)
+
+
+class CAConfig(_C):
+    """An existing CA to mint interception certificates with; otherwise one is generated in the state dir."""
+
+    cert: str
+    key: str
+
+
+class ResolverConfig(_C):
+    nameservers: list[str] = Field(default_factory=list)  # empty: the system's resolv.conf
+    port: int = Field(default=53, ge=1, le=65535)
+    timeout_s: float = Field(default=3.0, gt=0)
+    # Static answers (like squid's hosts_file), e.g. for development; they are classified like any DNS answer.
+    hosts: dict[str, list[str]] = Field(default_factory=dict)
+    min_ttl_s: int = Field(default=5, ge=0)
+    max_ttl_s: int = Field(default=300, ge=1)
+
+
+class AuditConfig(_C):
+    path: str | None = None  # default: <state_dir>/audit.jsonl
+
+
+class SecretsConfig(_C):
+    backend: Literal["file"] = "file"
+    path: str
+
+
+class GatewayConfig(_C):
+    version: Literal[1] = 1
+    mode: Literal["explicit", "transparent"] = "explicit"
+    listen: ListenConfig = ListenConfig()
+    policies: list[str] = Field(min_length=1)
+    state_dir: str = ".cube-egress"
+    ca: CAConfig | None = None
+    upstream_ca: str | None = None  # extra CA bundle trusted for upstreams, on top of the system store
+    resolver: ResolverConfig = ResolverConfig()
+    audit: AuditConfig = AuditConfig()
+    secrets: SecretsConfig | None = None
+    # Addresses of the gateway itself (besides the listen address): refused as destinations.
+    gateway_addresses: list[str] = Field(default_factory=list)
+
+    def policy_files(self) -> list[str]:
+        out: list[str] = []
+        for pattern in self.policies:
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            if not matches:
+                raise ConfigError(f"policies: {pattern!r} matches no file")
+            out.extend(matches)
+        return out
+
+    @property
+    def audit_path(self) -> str:
+        return self.audit.path or os.path.join(self.state_dir, "audit.jsonl")
+
+    def own_addresses(self) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        addrs = {ipaddress.ip_address(a) for a in self.gateway_addresses}
+        try:
+            listen = ipaddress.ip_address(self.listen.host)
+        except ValueError:
+            listen = None
+        if listen is not None and not listen.is_unspecified:
+            addrs.add(listen)
+        return frozenset(addrs)
+
+
+def _rebase(cfg: GatewayConfig, base: str) -> GatewayConfig:
+    def rel(p: str | None) -> str | None:
+        return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+
+    return cfg.model_copy(
+        update={
+            "policies": [rel(p) for p in cfg.policies],
+            "state_dir": rel(cfg.state_dir),
+            "ca": None if cfg.ca is None else CAConfig(cert=rel(cfg.ca.cert) or "", key=rel(cfg.ca.key) or ""),
+            "upstream_ca": rel(cfg.upstream_ca),
+            "audit": AuditConfig(path=rel(cfg.audit.path)),
+            "secrets": None if cfg.secrets is None else SecretsConfig(backend=cfg.secrets.backend, path=rel(cfg.secrets.path) or ""),
+        }
+    )
+
+
+def default_config() -> GatewayConfig:
+    """The embedded default of the README's run command (development only: file secret store)."""
+    return GatewayConfig(
+        mode="explicit",
+        listen=ListenConfig(host="127.0.0.1", port=3128),
+        policies=["policies/*.yaml"],
+        state_dir=".cube-egress",
+        secrets=SecretsConfig(backend="file", path="examples/dev-secrets.yaml"),
+    )
+
+
+def load_config(path: str) -> GatewayConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = load_yaml(f.read(), path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+    except YamlLoadError as e:
+        raise ConfigError(str(e)) from e
+    try:
+        cfg = GatewayConfig.model_validate(doc.value)
+    except pydantic.ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = tuple(err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{doc.key_at(loc)}: {msg} ({'.'.join(map(str, loc))})")
+        raise ConfigError("\n".join(lines)) from e
+    return _rebase(cfg, os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,45 @@
+"""The policy language and its pure decision core.
+
+    load_policy(paths) -> CompiledPolicy          # raises PolicyError (every issue, file:line:col)
+    CompiledPolicy.identify_by_source / identify_by_token -> Identity | None
+    CompiledPolicy.decide(identity, RequestFacts) -> Decision
+    CompiledPolicy.check_addresses(identity, facts, addresses) -> AddressCheck
+
+Nothing in this package performs I/O beyond reading policy files, and nothing imports mitmproxy.
+"""
+
+from __future__ import annotations
+
+from ._addresses import AddressClass, IPAddress, classify_address
+from ._facts import facts_from_url
+from ._decide import AddressCheck, CompiledPolicy, Decision, Identity, Reason, RequestFacts
+from ._hosts import HostError, HostPattern, normalize_host, parse_ip_literal
+from ._load import HTTP_METHODS, PolicyError, PolicyIssue, load_policy
+from ._model import CredentialRef, Mode, Rule, Sandbox, Scheme, Verdict
+
+__all__ = [
+    "HTTP_METHODS",
+    "AddressCheck",
+    "AddressClass",
+    "CompiledPolicy",
+    "CredentialRef",
+    "Decision",
+    "HostError",
+    "HostPattern",
+    "IPAddress",
+    "Identity",
+    "Mode",
+    "PolicyError",
+    "PolicyIssue",
+    "Reason",
+    "RequestFacts",
+    "Rule",
+    "Sandbox",
+    "Scheme",
+    "Verdict",
+    "classify_address",
+    "facts_from_url",
+    "load_policy",
+    "normalize_host",
+    "parse_ip_literal",
+]

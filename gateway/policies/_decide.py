@@ -1,0 +1,337 @@
+"""The decision core: pure functions from (identity, request facts) to a Decision value.
+
+No I/O and no mitmproxy here. The gateway's addon gathers facts (normalised host, port, scheme, method, path,
+headers; resolved addresses) and asks; everything that decides whether a byte may leave a sandbox lives in this
+module, so it can be tested table-driven and reasoned about in one place.
+
+Precedence, for the rules of the sandbox's policies that match: an enforced deny wins; then a deny in report mode
+(the request passes, the would-deny is recorded); then an allow; no match is a deny in the sandbox's default mode.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ._addresses import AddressClass, IPAddress, classify_address
+from ._hosts import parse_ip_literal
+from ._model import CredentialRef, Mode, Rule, Sandbox, Scheme, Verdict
+
+__all__ = [
+    "AddressCheck",
+    "CompiledPolicy",
+    "Decision",
+    "Identity",
+    "Reason",
+    "RequestFacts",
+]
+
+
+class Reason(enum.StrEnum):
+    """Why a decision came out as it did. Stable strings: they appear in 403 bodies, audit records and tests."""
+
+    ALLOWED_BY_RULE = "allowed_by_rule"
+    DENIED_BY_RULE = "denied_by_rule"
+    NO_MATCHING_RULE = "no_matching_rule"
+    UNKNOWN_SANDBOX = "unknown_sandbox"
+    BAD_PROXY_TOKEN = "bad_proxy_token"
+    IP_LITERAL_NOT_ALLOWED = "ip_literal_not_allowed"
+    ADDRESS_REFUSED = "address_refused"
+    GATEWAY_LOOP = "gateway_loop"
+    HOST_MISMATCH = "host_mismatch"
+    BAD_HOST = "bad_host"
+    AMBIGUOUS_PATH = "ambiguous_path"
+    DESTINATION_NOT_RESOLVED = "destination_not_resolved"
+    DESTINATION_NOT_IN_ANSWERS = "destination_not_in_answers"
+    PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"
+    GATEWAY_ERROR = "gateway_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    sandbox_id: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What the gateway knows about one connection or request. `method is None` means connection phase.
+
+    `host` must already be normalised (`normalize_host`); an IP literal is its canonical text.
+    """
+
+    scheme: Scheme
+    host: str
+    port: int
+    method: str | None = None
+    path: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()  # names lower case, in arrival order
+
+    @property
+    def is_connection_phase(self) -> bool:
+        return self.method is None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One answer, with its reason always set together with its verdict."""
+
+    verdict: Verdict
+    mode: Mode
+    reason: Reason
+    rule_id: str | None
+    policy_hash: str
+    sandbox_id: str | None = None
+    credential: CredentialRef | None = None
+    # Connection phase only: False when the connection can be spliced (no request-level rule could change the
+    # outcome and nothing must be injected), so TLS is never terminated for it.
+    intercept: bool = True
+    detail: str = ""
+
+    @property
+    def blocks(self) -> bool:
+        return self.verdict is Verdict.DENY and self.mode is Mode.ENFORCE
+
+
+@dataclass(frozen=True, slots=True)
+class AddressCheck:
+    """The result of judging the addresses a destination resolved to: what may be dialled, or why nothing may."""
+
+    allowed: tuple[IPAddress, ...]
+    refused: tuple[tuple[IPAddress, AddressClass], ...]
+    decision: Decision | None  # a deny when the destination must not be dialled at all
+
+    @property
+    def ok(self) -> bool:
+        return self.decision is None
+
+
+@dataclass(slots=True)
+class _RuleIndex:
+    """Rules of one set of policies, indexed so a decision looks at a handful of candidates, not every rule."""
+
+    exact: dict[str, list[Rule]] = field(default_factory=dict)
+    wildcard: dict[str, list[Rule]] = field(default_factory=dict)
+    by_cidr: list[Rule] = field(default_factory=list)
+
+    def add(self, rule: Rule) -> None:
+        for pattern in rule.hosts:
+            target = self.wildcard if pattern.wildcard else self.exact
+            target.setdefault(pattern.host, []).append(rule)
+        if rule.cidrs:
+            self.by_cidr.append(rule)
+
+    def for_host(self, host: str) -> list[Rule]:
+        found = list(self.exact.get(host, ()))
+        # `*.example.com` is stored under `example.com`; walk up the labels of the host (never the host itself,
+        # so a wildcard can never match its own apex).
+        dot = host.find(".")
+        while dot != -1:
+            suffix = host[dot + 1 :]
+            found.extend(self.wildcard.get(suffix, ()))
+            dot = host.find(".", dot + 1)
+        return found
+
+    def for_address(self, address: IPAddress) -> list[Rule]:
+        return [r for r in self.by_cidr if any(address in n for n in r.cidrs if n.version == address.version)]
+
+
+class CompiledPolicy:
+    """A loaded policy set: sandboxes, their rules compiled into indexes, and the version hash of the inputs."""
+
+    def __init__(
+        self,
+        sandboxes: Iterable[Sandbox],
+        rules_by_policy: Mapping[str, Iterable[Rule]],
+        policy_hash: str,
+        files: tuple[str, ...] = (),
+    ) -> None:
+        self.policy_hash = policy_hash
+        self.files = files
+        self.sandboxes: dict[str, Sandbox] = {s.id: s for s in sandboxes}
+        self.rules_by_policy: dict[str, tuple[Rule, ...]] = {k: tuple(v) for k, v in rules_by_policy.items()}
+        self._indexes: dict[tuple[str, ...], _RuleIndex] = {}
+        self._sandbox_index: dict[str, _RuleIndex] = {}
+        for sb in self.sandboxes.values():
+            index = self._indexes.get(sb.policies)
+            if index is None:
+                index = _RuleIndex()
+                for name in sb.policies:
+                    for rule in self.rules_by_policy[name]:
+                        index.add(rule)
+                self._indexes[sb.policies] = index
+            self._sandbox_index[sb.id] = index
+        # Identification by source: longest prefix wins; the loader rejects overlaps between sandboxes.
+        self._by_prefix: list[tuple[int, int, dict[int, str]]] = []
+        by_len: dict[tuple[int, int], dict[int, str]] = {}
+        for sb in self.sandboxes.values():
+            for net in sb.sources:
+                by_len.setdefault((net.version, net.prefixlen), {})[int(net.network_address)] = sb.id
+        for (version, plen), nets in sorted(by_len.items(), key=lambda kv: -kv[0][1]):
+            self._by_prefix.append((version, plen, nets))
+        self._tokens = [(sb.token_sha256, sb.id) for sb in self.sandboxes.values() if sb.token_sha256]
+
+    @property
+    def rule_count(self) -> int:
+        return sum(len(r) for r in self.rules_by_policy.values())
+
+    # -- identification -------------------------------------------------------------------------------------
+
+    def identify_by_source(self, source: str) -> Identity | None:
+        try:
+            addr = ipaddress.ip_address(source)
+        except ValueError:
+            return None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        bits = 32 if addr.version == 4 else 128
+        value = int(addr)
+        for version, plen, nets in self._by_prefix:
+            if version != addr.version:
+                continue
+            key = value & (((1 << plen) - 1) << (bits - plen)) if plen else 0
+            sandbox_id = nets.get(key)
+            if sandbox_id is not None:
+                return Identity(sandbox_id, source)
+        return None
+
+    def identify_by_token(self, token: str, source: str) -> Identity | None:
+        """Map a proxy token to its sandbox, comparing against every known token in constant time."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        found: str | None = None
+        for expected, sandbox_id in self._tokens:
+            if hmac.compare_digest(digest, expected):
+                found = sandbox_id
+        return Identity(found, source) if found else None
+
+    # -- decisions ------------------------------------------------------------------------------------------
+
+    def deny(self, reason: Reason, identity: Identity | None = None, detail: str = "", rule_id: str | None = None) -> Decision:
+        """A deny that no rule produced (identity, protocol and address invariants): always enforced."""
+        return Decision(
+            verdict=Verdict.DENY,
+            mode=Mode.ENFORCE,
+            reason=reason,
+            rule_id=rule_id,
+            policy_hash=self.policy_hash,
+            sandbox_id=identity.sandbox_id if identity else None,
+            detail=detail,
+        )
+
+    def _candidates(self, index: _RuleIndex, facts: RequestFacts) -> list[Rule] | None:
+        """Rules whose destination part matches; None if the host is an IP literal no CIDR rule names."""
+        address = parse_ip_literal(facts.host)
+        rules = index.for_address(address) if address is not None else index.for_host(facts.host)
+        if address is not None and not rules:
+            return None
+        return [r for r in rules if facts.port in r.ports and facts.scheme in r.schemes]
+
+    def decide(self, identity: Identity | None, facts: RequestFacts) -> Decision:
+        if identity is None or identity.sandbox_id not in self.sandboxes:
+            return self.deny(Reason.UNKNOWN_SANDBOX, identity)
+        sandbox = self.sandboxes[identity.sandbox_id]
+        candidates = self._candidates(self._sandbox_index[sandbox.id], facts)
+        if candidates is None:
+            return self.deny(Reason.IP_LITERAL_NOT_ALLOWED, identity, detail=facts.host)
+        if facts.method is None:
+            return self._decide_connection(sandbox, candidates)
+        assert facts.path is not None
+        matched = [r for r in candidates if r.matches_request(facts.method, facts.path, facts.headers)]
+        return self._resolve(sandbox, matched)
+
+    def _resolve(self, sandbox: Sandbox, matched: list[Rule]) -> Decision:
+        enforced_deny = report_deny = allow = None
+        for rule in matched:
+            if rule.action is Verdict.ALLOW:
+                allow = allow or rule
+            elif rule.mode is Mode.ENFORCE:
+                enforced_deny = enforced_deny or rule
+            else:
+                report_deny = report_deny or rule
+        base = {"policy_hash": self.policy_hash, "sandbox_id": sandbox.id}
+        if enforced_deny is not None:
+            return Decision(Verdict.DENY, Mode.ENFORCE, Reason.DENIED_BY_RULE, enforced_deny.id, **base)
+        credential = allow.credential if allow is not None else None
+        if report_deny is not None:
+            return Decision(
+                Verdict.DENY, Mode.REPORT, Reason.DENIED_BY_RULE, report_deny.id, credential=credential, **base
+            )
+        if allow is not None:
+            return Decision(Verdict.ALLOW, Mode.ENFORCE, Reason.ALLOWED_BY_RULE, allow.id, credential=credential, **base)
+        return Decision(Verdict.DENY, sandbox.default_mode, Reason.NO_MATCHING_RULE, None, **base)
+
+    def _decide_connection(self, sandbox: Sandbox, candidates: list[Rule]) -> Decision:
+        """Before any request is seen: refuse what no request could make allowed, splice what no request could
+        make denied or need a credential, and intercept the rest so each request is decided on its own."""
+        unconditional = [r for r in candidates if not r.has_request_conditions]
+        decision = self._resolve(sandbox, unconditional)
+        if decision.blocks:
+            if decision.reason is Reason.DENIED_BY_RULE:
+                return decision
+            if any(r.action is Verdict.ALLOW for r in candidates):
+                # Only request-conditioned allows exist: the connection may proceed, each request is judged.
+                first = next(r for r in candidates if r.action is Verdict.ALLOW)
+                return Decision(
+                    Verdict.ALLOW,
+                    Mode.ENFORCE,
+                    Reason.ALLOWED_BY_RULE,
+                    first.id,
+                    policy_hash=self.policy_hash,
+                    sandbox_id=sandbox.id,
+                    intercept=True,
+                )
+            return decision
+        splice = decision.verdict is Verdict.ALLOW and not any(
+            r.needs_interception or r.action is Verdict.DENY for r in candidates
+        )
+        return Decision(
+            decision.verdict,
+            decision.mode,
+            decision.reason,
+            decision.rule_id,
+            policy_hash=self.policy_hash,
+            sandbox_id=sandbox.id,
+            credential=None,
+            intercept=not splice,
+        )
+
+    def check_addresses(
+        self,
+        identity: Identity,
+        facts: RequestFacts,
+        addresses: Iterable[IPAddress],
+        gateway_addresses: frozenset[IPAddress] = frozenset(),
+        gateway_ports: frozenset[int] = frozenset(),
+    ) -> AddressCheck:
+        """Judge every address a destination resolved to. Anything but global unicast needs a rule naming its CIDR
+        (for this sandbox, scheme and port); any refused address refuses the destination, so a name that answers
+        with one public and one internal address (DNS rebinding) is not dialled at all."""
+        index = self._sandbox_index.get(identity.sandbox_id)
+        addresses = tuple(addresses)
+        if index is None:
+            return AddressCheck((), (), self.deny(Reason.UNKNOWN_SANDBOX, identity))
+        if not addresses:
+            return AddressCheck((), (), self.deny(Reason.DESTINATION_NOT_RESOLVED, identity, detail=facts.host))
+        allowed: list[IPAddress] = []
+        refused: list[tuple[IPAddress, AddressClass]] = []
+        for address in addresses:
+            cls = classify_address(address, gateway_addresses)
+            if cls is AddressClass.GATEWAY and facts.port in gateway_ports:
+                return AddressCheck(
+                    (), ((address, cls),), self.deny(Reason.GATEWAY_LOOP, identity, detail=f"{address}:{facts.port}")
+                )
+            if cls is AddressClass.GLOBAL or any(
+                r.action is Verdict.ALLOW and facts.port in r.ports and facts.scheme in r.schemes
+                for r in index.for_address(address)
+            ):
+                allowed.append(address)
+            else:
+                refused.append((address, cls))
+        if refused:
+            detail = ", ".join(f"{a} ({c})" for a, c in refused)
+            return AddressCheck(tuple(allowed), tuple(refused), self.deny(Reason.ADDRESS_REFUSED, identity, detail=detail))
+        return AddressCheck(tuple(allowed), (), None)

@@ -1,0 +1,171 @@
+"""The validated, compiled policy model: frozen values the decision core reads and never changes."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from ..injectors import InjectorParams
+from ._hosts import HostPattern
+from ._yaml import Position
+
+__all__ = [
+    "CredentialRef",
+    "HeaderCondition",
+    "IPNetwork",
+    "Mode",
+    "PathMatcher",
+    "PortSet",
+    "Rule",
+    "Sandbox",
+    "Scheme",
+    "Verdict",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Verdict(enum.StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Mode(enum.StrEnum):
+    """ENFORCE blocks a deny; REPORT records the would-deny and lets the request pass (for rolling out a rule)."""
+
+    ENFORCE = "enforce"
+    REPORT = "report"
+
+
+class Scheme(enum.StrEnum):
+    HTTP = "http"
+    HTTPS = "https"
+    TCP = "tcp"  # a raw TCP tunnel through explicit CONNECT, never inspected
+
+
+@dataclass(frozen=True, slots=True)
+class PortSet:
+    ranges: tuple[tuple[int, int], ...]
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and any(lo <= port <= hi for lo, hi in self.ranges)
+
+    def __str__(self) -> str:
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges)
+
+
+def _glob_regex(pattern: str, *, segment: str) -> re.Pattern[str]:
+    """`**` matches anything, `*` anything but `segment` (the path separator), `?` one such character."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append(f"[^{re.escape(segment)}]*" if segment else ".*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(f"[^{re.escape(segment)}]" if segment else ".")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatcher:
+    kind: str  # "exact" | "prefix" | "glob"
+    pattern: str
+    regex: re.Pattern[str] | None = field(default=None, compare=False)
+
+    @classmethod
+    def build(cls, kind: str, pattern: str) -> PathMatcher:
+        regex = _glob_regex(pattern, segment="/") if kind == "glob" else None
+        return cls(kind, pattern, regex)
+
+    def matches(self, path: str) -> bool:
+        if self.kind == "exact":
+            return path == self.pattern
+        if self.kind == "prefix":
+            return path.startswith(self.pattern)
+        assert self.regex is not None
+        return self.regex.match(path) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderCondition:
+    """The header must be present and (one of) its values must match the glob."""
+
+    name: str  # lower case
+    pattern: str
+    regex: re.Pattern[str] = field(compare=False)
+
+    @classmethod
+    def build(cls, name: str, pattern: str) -> HeaderCondition:
+        return cls(name.lower(), pattern, _glob_regex(pattern, segment=""))
+
+    def matches(self, headers: tuple[tuple[str, str], ...]) -> bool:
+        return any(n == self.name and self.regex.match(v) is not None for n, v in headers)
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRef:
+    """What a rule says to inject: a named secret (a reference, never a value) and how it enters the request."""
+
+    name: str
+    secret: str
+    injector: InjectorParams
+
+    @property
+    def kind(self) -> str:
+        return self.injector.kind
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    policy: str
+    action: Verdict
+    mode: Mode
+    hosts: tuple[HostPattern, ...]
+    cidrs: tuple[IPNetwork, ...]
+    ports: PortSet
+    schemes: frozenset[Scheme]
+    methods: frozenset[str] | None
+    paths: tuple[PathMatcher, ...] | None
+    headers: tuple[HeaderCondition, ...]
+    credential: CredentialRef | None
+    position: Position = field(compare=False)
+
+    @property
+    def has_request_conditions(self) -> bool:
+        """True when only the HTTP request (not the connection) can tell whether this rule matches."""
+        return self.methods is not None or self.paths is not None or bool(self.headers)
+
+    @property
+    def needs_interception(self) -> bool:
+        return self.has_request_conditions or self.credential is not None
+
+    def matches_request(self, method: str, path: str, headers: tuple[tuple[str, str], ...]) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.paths is not None:
+            bare = path.split("?", 1)[0]
+            if not any(p.matches(bare) for p in self.paths):
+                return False
+        return all(h.matches(headers) for h in self.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    id: str
+    labels: tuple[tuple[str, str], ...]
+    sources: tuple[IPNetwork, ...]
+    token_sha256: str | None
+    policies: tuple[str, ...]
+    default_mode: Mode
+    position: Position = field(compare=False)

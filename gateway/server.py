@@ -1,0 +1,158 @@
+"""Assembling and running the gateway: mitmproxy embedded in-process with a curated set of addons.
+
+We do not use mitmproxy's DumpMaster: its default addons include an onboarding app that serves the CA, scripting,
+replay and rewriting features that have no place in a process that holds credentials. Only the addons the proxy
+needs to function are loaded, and ours first among the ones that see flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+
+import certifi
+from mitmproxy import options
+from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
+from mitmproxy.certs import CertStore
+from mitmproxy.master import Master
+
+from .addon import EgressAddon, GatewayState
+from .audit import AuditLog
+from .config import GatewayConfig
+from .policies import CompiledPolicy, PolicyError, load_policy
+from .resolver import Resolver
+
+__all__ = ["Gateway", "ensure_ca"]
+
+log = logging.getLogger("cube_egress.gateway")
+
+CA_BASENAME = "mitmproxy"
+
+
+def ensure_ca(config: GatewayConfig) -> Path:
+    """Make sure the interception CA exists in the state dir; returns the confdir mitmproxy reads.
+
+    Generated on first run (the key file is 0600), or assembled from the configured cert and key. The private key
+    is never copied anywhere else and no endpoint serves it.
+    """
+    confdir = Path(config.state_dir) / "ca"
+    confdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(confdir, 0o700)
+    key_pem = confdir / f"{CA_BASENAME}-ca.pem"
+    cert_pem = confdir / f"{CA_BASENAME}-ca-cert.pem"
+    if config.ca is not None:
+        cert = Path(config.ca.cert).read_bytes()
+        key = Path(config.ca.key).read_bytes()
+        fd = os.open(key_pem, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key + b"\n" + cert)
+        cert_pem.write_bytes(cert)
+    elif not key_pem.exists():
+        CertStore.create_store(confdir, CA_BASENAME, 2048, organization="cube-egress", cn="cube-egress CA")
+        # PKCS#12 bundles also hold the key and nothing here needs them.
+        for extra in confdir.glob(f"{CA_BASENAME}-ca*.p12"):
+            extra.unlink()
+    os.chmod(key_pem, 0o600)
+    return confdir
+
+
+def _upstream_bundle(config: GatewayConfig) -> str | None:
+    """System trust plus the optional extra CA: mitmproxy takes a single file, so we concatenate them."""
+    if config.upstream_ca is None:
+        return None
+    bundle = Path(config.state_dir) / "upstream-trust.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes() + b"\n" + Path(config.upstream_ca).read_bytes())
+    return str(bundle)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, policy: CompiledPolicy | None = None) -> None:
+        self.config = config
+        os.makedirs(config.state_dir, exist_ok=True)
+        self.confdir = ensure_ca(config)
+        self.ca_cert_path = str(self.confdir / f"{CA_BASENAME}-ca-cert.pem")
+        self.audit = AuditLog(config.audit_path)
+        own = config.own_addresses()
+        self.state = GatewayState(
+            policy=policy or load_policy(config.policy_files()),
+            resolver=Resolver(config.resolver),
+            audit=self.audit,
+            transparent=config.mode == "transparent",
+            gateway_addresses=own,
+            gateway_ports=frozenset({config.listen.port}),
+        )
+        self.addon = EgressAddon(self.state)
+        self.master: Master | None = None
+        self.ready = asyncio.Event()
+
+    def reload_policy(self) -> bool:
+        """Load the policy files again and swap them in whole; a broken file keeps the old policy."""
+        try:
+            new = load_policy(self.config.policy_files())
+        except PolicyError as e:
+            log.error("policy reload failed, keeping %s:\n%s", self.state.policy.policy_hash[:12], e)
+            return False
+        self.state.policy = new
+        log.info("policy reloaded: %s (%d rules)", new.policy_hash[:12], new.rule_count)
+        return True
+
+    def _options(self) -> options.Options:
+        return options.Options()
+
+    async def run(self) -> None:
+        opts = self._options()
+        master = Master(opts, event_loop=asyncio.get_running_loop(), with_termlog=False)
+        master.addons.add(
+            core.Core(),
+            disable_h2c.DisableH2C(),
+            self.addon,
+            proxyserver.Proxyserver(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+        )
+        opts.update(
+            mode=["transparent" if self.state.transparent else "regular"],
+            listen_host=self.config.listen.host,
+            listen_port=self.config.listen.port,
+            confdir=str(self.confdir),
+            # Dial only after our checks (SNI, Host) have run; the eager default connects at CONNECT time.
+            connection_strategy="lazy",
+            # Upstream TLS is always verified; no policy or config key can turn this off.
+            ssl_insecure=False,
+            ssl_verify_upstream_trusted_ca=_upstream_bundle(self.config),
+        )
+        self.master = master
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not in the main thread (tests embed the gateway in a thread)
+        run = asyncio.ensure_future(master.run())
+        await self._wait_listening()
+        self.ready.set()
+        await run
+
+    async def _wait_listening(self) -> None:
+        for _ in range(200):
+            if self.listen_addresses():
+                return
+            await asyncio.sleep(0.02)
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        if self.master is None:
+            return []
+        ps = self.master.addons.get("proxyserver")
+        if ps is None:
+            return []
+        out = []
+        for server in ps.servers:
+            out.extend(server.listen_addrs)
+        return out
+
+    def shutdown(self) -> None:
+        if self.master is not None:
+            self.master.shutdown()
+        self.audit.close()
