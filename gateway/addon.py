@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from mitmproxy import connection, http, tcp, tls
@@ -33,8 +33,8 @@ from .policies import (
     CompiledPolicy,
     Decision,
     HostError,
-    IPAddress,
     Identity,
+    IPAddress,
     Reason,
     RequestFacts,
     Scheme,
@@ -108,10 +108,7 @@ class _Refusal(Exception):
         self.decision = decision
 
 
-H = TypeVar("H", bound=Callable[..., Any])
-
-
-def _fail_closed(hook: H) -> H:
+def _fail_closed[H: Callable[..., Any]](hook: H) -> H:
     """Run a hook; on any exception refuse what it was about and audit it (see module docstring)."""
     if inspect.iscoroutinefunction(hook):
 
@@ -267,7 +264,9 @@ class EgressAddon:
             if dst_ip not in resolution.addresses:
                 raise _Refusal(
                     self.policy.deny(
-                        Reason.DESTINATION_NOT_IN_ANSWERS, identity, detail=f"{facts.host} -> {dst_ip} not in our answers"
+                        Reason.DESTINATION_NOT_IN_ANSWERS,
+                        identity,
+                        detail=f"{facts.host} -> {dst_ip} not in our answers",
                     )
                 )
         elif dst_ip != parse_ip_literal(facts.host):
@@ -352,7 +351,9 @@ class EgressAddon:
             if sni is not None and sni != conn.authority[0]:
                 self._refuse_connection(
                     conn,
-                    self.policy.deny(Reason.HOST_MISMATCH, conn.identity, detail=f"SNI {sni} != CONNECT {conn.authority[0]}"),
+                    self.policy.deny(
+                        Reason.HOST_MISMATCH, conn.identity, detail=f"SNI {sni} != CONNECT {conn.authority[0]}"
+                    ),
                 )
                 return
             if conn.splice is not None:
@@ -439,7 +440,11 @@ class EgressAddon:
                 await self._authorize_destination(conn, identity, facts)
             flow.metadata["cube_egress"] = _FlowInfo(decision, facts)
         except _Refusal as r:
-            extra = {} if facts is not None else {F.PHASE: "request", F.METHOD: flow.request.method, F.PATH: redact_path(flow.request.path)}
+            extra = (
+                {}
+                if facts is not None
+                else {F.PHASE: "request", F.METHOD: flow.request.method, F.PATH: redact_path(flow.request.path)}
+            )
             self._audit_decision(conn, r.decision, facts, **extra)
             self._respond(flow, r.decision)
 
@@ -469,7 +474,9 @@ class EgressAddon:
 
         def mismatch(what: str, other: tuple[str, int]) -> _Refusal:
             return _Refusal(
-                self.policy.deny(Reason.HOST_MISMATCH, identity, detail=f"Host {host}:{port} != {what} {other[0]}:{other[1]}")
+                self.policy.deny(
+                    Reason.HOST_MISMATCH, identity, detail=f"Host {host}:{port} != {what} {other[0]}:{other[1]}"
+                )
             )
 
         if self.state.transparent:
@@ -510,7 +517,9 @@ class EgressAddon:
         info = flow.metadata.get("cube_egress")
         if not isinstance(info, _FlowInfo):
             return  # refused in requestheaders: already audited there
-        conn = self._conns.get(flow.client_conn.id) or _Conn(source=f"{flow.client_conn.peername[0]}:{flow.client_conn.peername[1]}")
+        conn = self._conns.get(flow.client_conn.id) or _Conn(
+            source=f"{flow.client_conn.peername[0]}:{flow.client_conn.peername[1]}"
+        )
         resp = flow.response
         started = flow.request.timestamp_start
         ended = (resp.timestamp_end if resp is not None else None) or time.time()
@@ -592,5 +601,3 @@ def _is_ambiguous_path(path: str) -> bool:
         return True
     segments = bare.split("/")
     return any(s in (".", "..") for s in segments)
-
-

@@ -47,7 +47,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config: GatewayConfig = load_config(args.config) if args.config else default_config()
         if args.listen:
             host, _, port = args.listen.rpartition(":")
-            config = config.model_copy(update={"listen": config.listen.model_copy(update={"host": host, "port": int(port)})})
+            config = config.model_copy(
+                update={"listen": config.listen.model_copy(update={"host": host, "port": int(port)})}
+            )
         gateway = Gateway(config)
     except (ConfigError, OSError, ValueError) as e:
         print(f"cube-egress: {e}", file=sys.stderr)
@@ -115,7 +117,9 @@ def _decision_dict(d: Decision) -> dict[str, Any]:
     }
 
 
-def _explain(policy: CompiledPolicy, sandbox: str, method: str, url: str, headers: list[tuple[str, str]]) -> dict[str, Any]:
+def _explain(
+    policy: CompiledPolicy, sandbox: str, method: str, url: str, headers: list[tuple[str, str]]
+) -> dict[str, Any]:
     from .policies import Identity
 
     identity = Identity(sandbox, "explain")
@@ -149,7 +153,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         _print_issues(e.issues)
         return 1
     if args.sandbox not in policy.sandboxes:
-        print(f"cube-egress: unknown sandbox {args.sandbox!r} (known: {', '.join(sorted(policy.sandboxes))})", file=sys.stderr)
+        print(
+            f"cube-egress: unknown sandbox {args.sandbox!r} (known: {', '.join(sorted(policy.sandboxes))})",
+            file=sys.stderr,
+        )
         return 2
     try:
         out = _explain(policy, args.sandbox, args.method, args.url, _parse_headers(args.header))

@@ -108,7 +108,9 @@ def _rebase(cfg: GatewayConfig, base: str) -> GatewayConfig:
             "ca": None if cfg.ca is None else CAConfig(cert=rel(cfg.ca.cert) or "", key=rel(cfg.ca.key) or ""),
             "upstream_ca": rel(cfg.upstream_ca),
             "audit": AuditConfig(path=rel(cfg.audit.path)),
-            "secrets": None if cfg.secrets is None else SecretsConfig(backend=cfg.secrets.backend, path=rel(cfg.secrets.path) or ""),
+            "secrets": None
+            if cfg.secrets is None
+            else SecretsConfig(backend=cfg.secrets.backend, path=rel(cfg.secrets.path) or ""),
         }
     )
 

@@ -34,7 +34,8 @@ class Resolver:
     def __init__(self, config: ResolverConfig) -> None:
         self._config = config
         self._static = {
-            name.lower().rstrip("."): tuple(ipaddress.ip_address(a) for a in addrs) for name, addrs in config.hosts.items()
+            name.lower().rstrip("."): tuple(ipaddress.ip_address(a) for a in addrs)
+            for name, addrs in config.hosts.items()
         }
         if config.nameservers:
             self._dns = dns.asyncresolver.Resolver(configure=False)

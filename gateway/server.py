@@ -8,6 +8,7 @@ needs to function are loaded, and ours first among the ones that see flows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -126,10 +127,9 @@ class Gateway:
         )
         self.master = master
         loop = asyncio.get_running_loop()
-        try:
+        # Not possible outside the main thread (tests embed the gateway in a thread).
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not in the main thread (tests embed the gateway in a thread)
         run = asyncio.ensure_future(master.run())
         await self._wait_listening()
         self.ready.set()

@@ -11,8 +11,8 @@ Nothing in this package performs I/O beyond reading policy files, and nothing im
 from __future__ import annotations
 
 from ._addresses import AddressClass, IPAddress, classify_address
-from ._facts import facts_from_url
 from ._decide import AddressCheck, CompiledPolicy, Decision, Identity, Reason, RequestFacts
+from ._facts import facts_from_url
 from ._hosts import HostError, HostPattern, normalize_host, parse_ip_literal
 from ._load import HTTP_METHODS, PolicyError, PolicyIssue, load_policy
 from ._model import CredentialRef, Mode, Rule, Sandbox, Scheme, Verdict

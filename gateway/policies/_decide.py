@@ -38,7 +38,7 @@ class Reason(enum.StrEnum):
     DENIED_BY_RULE = "denied_by_rule"
     NO_MATCHING_RULE = "no_matching_rule"
     UNKNOWN_SANDBOX = "unknown_sandbox"
-    BAD_PROXY_TOKEN = "bad_proxy_token"
+    BAD_PROXY_TOKEN = "bad_proxy_token"  # noqa: S105 (a reason code, not a password)
     IP_LITERAL_NOT_ALLOWED = "ip_literal_not_allowed"
     ADDRESS_REFUSED = "address_refused"
     GATEWAY_LOOP = "gateway_loop"
@@ -210,7 +210,9 @@ class CompiledPolicy:
 
     # -- decisions ------------------------------------------------------------------------------------------
 
-    def deny(self, reason: Reason, identity: Identity | None = None, detail: str = "", rule_id: str | None = None) -> Decision:
+    def deny(
+        self, reason: Reason, identity: Identity | None = None, detail: str = "", rule_id: str | None = None
+    ) -> Decision:
         """A deny that no rule produced (identity, protocol and address invariants): always enforced."""
         return Decision(
             verdict=Verdict.DENY,
@@ -252,17 +254,29 @@ class CompiledPolicy:
                 enforced_deny = enforced_deny or rule
             else:
                 report_deny = report_deny or rule
-        base = {"policy_hash": self.policy_hash, "sandbox_id": sandbox.id}
+
+        def decision(
+            verdict: Verdict, mode: Mode, reason: Reason, rule: Rule | None, credential: CredentialRef | None
+        ) -> Decision:
+            return Decision(
+                verdict,
+                mode,
+                reason,
+                rule.id if rule else None,
+                policy_hash=self.policy_hash,
+                sandbox_id=sandbox.id,
+                credential=credential,
+            )
+
         if enforced_deny is not None:
-            return Decision(Verdict.DENY, Mode.ENFORCE, Reason.DENIED_BY_RULE, enforced_deny.id, **base)
+            return decision(Verdict.DENY, Mode.ENFORCE, Reason.DENIED_BY_RULE, enforced_deny, None)
         credential = allow.credential if allow is not None else None
         if report_deny is not None:
-            return Decision(
-                Verdict.DENY, Mode.REPORT, Reason.DENIED_BY_RULE, report_deny.id, credential=credential, **base
-            )
+            # The request passes as it would without the rule, credential included; the would-deny is recorded.
+            return decision(Verdict.DENY, Mode.REPORT, Reason.DENIED_BY_RULE, report_deny, credential)
         if allow is not None:
-            return Decision(Verdict.ALLOW, Mode.ENFORCE, Reason.ALLOWED_BY_RULE, allow.id, credential=credential, **base)
-        return Decision(Verdict.DENY, sandbox.default_mode, Reason.NO_MATCHING_RULE, None, **base)
+            return decision(Verdict.ALLOW, Mode.ENFORCE, Reason.ALLOWED_BY_RULE, allow, credential)
+        return decision(Verdict.DENY, sandbox.default_mode, Reason.NO_MATCHING_RULE, None, None)
 
     def _decide_connection(self, sandbox: Sandbox, candidates: list[Rule]) -> Decision:
         """Before any request is seen: refuse what no request could make allowed, splice what no request could
@@ -333,5 +347,7 @@ class CompiledPolicy:
                 refused.append((address, cls))
         if refused:
             detail = ", ".join(f"{a} ({c})" for a, c in refused)
-            return AddressCheck(tuple(allowed), tuple(refused), self.deny(Reason.ADDRESS_REFUSED, identity, detail=detail))
+            return AddressCheck(
+                tuple(allowed), tuple(refused), self.deny(Reason.ADDRESS_REFUSED, identity, detail=detail)
+            )
         return AddressCheck(tuple(allowed), (), None)

@@ -46,11 +46,12 @@ def _parse_legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
     parts = host.split(".")
     if parts and parts[-1] == "":
         parts.pop()
-    if not parts or len(parts) > 4:
+    # Like the URL standard: a host whose last label is numeric is an address (`1.example` is a name), and one
+    # that cannot be an address is an error rather than a name, so `1.2.3.4.5` never reaches DNS.
+    if not parts or _IPV4_PART.match(parts[-1]) is None:
         return None
-    # Like the URL standard: only a host whose last label is numeric is an address; `1.example` is a name.
-    if _IPV4_PART.match(parts[-1]) is None:
-        return None
+    if len(parts) > 4:
+        raise HostError(f"{host!r} has too many components for an IPv4 address")
     values = [_parse_ipv4_part(p) for p in parts]
     if any(v is None for v in values):
         raise HostError(f"{host!r} mixes numeric and non-numeric labels")
@@ -130,7 +131,8 @@ class HostPattern:
         suffix = normalize_host(body)
         if wildcard and "." not in suffix:
             raise HostError(
-                f"'*.{suffix}' would allow a whole top-level domain; name a registered domain such as '*.example.{suffix}'"
+                f"'*.{suffix}' would allow a whole top-level domain; "
+                f"name a registered domain such as '*.example.{suffix}'"
             )
         return cls(host=suffix, wildcard=wildcard)
 

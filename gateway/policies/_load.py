@@ -86,10 +86,11 @@ def _data_path(value: Any, loc: tuple[int | str, ...]) -> PathKey:
     """Map a pydantic error location onto the document, skipping the union/tag names pydantic inserts."""
     out: list[str | int] = []
     for el in loc:
-        if isinstance(value, dict) and el in value:
-            out.append(el)
-            value = value[el]
-        elif isinstance(value, list) and isinstance(el, int) and 0 <= el < len(value):
+        if isinstance(value, dict) and isinstance(el, str) and value.get("kind") == el:
+            continue  # the tag of a discriminated union (injector kinds), not a key in the file
+        in_dict = isinstance(value, dict) and el in value
+        in_list = isinstance(value, list) and isinstance(el, int) and 0 <= el < len(value)
+        if in_dict or in_list:
             out.append(el)
             value = value[el]
     return tuple(out)
@@ -119,7 +120,9 @@ def _schema_issues(doc: Located, exc: pydantic.ValidationError, ctx: _Ctx) -> No
             parent = path[:-1] if path and path[-1] == key else path
             allowed = _allowed_keys(doc.value, parent)
             close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else (f"allowed keys: {', '.join(allowed)}" if allowed else None)
+            hint = (
+                f"did you mean {close[0]!r}?" if close else (f"allowed keys: {', '.join(allowed)}" if allowed else None)
+            )
             ctx.error(doc.key_at((*parent, key)), f"unknown key {key!r}", rule_id, hint)
             continue
         if kind == "missing":
@@ -132,7 +135,8 @@ def _schema_issues(doc: Located, exc: pydantic.ValidationError, ctx: _Ctx) -> No
             ctx.error(doc.at((*path, "kind")), err["msg"], rule_id, "one of: " + ", ".join(_injector_kinds()))
             continue
         where = ".".join(str(p) for p in path) or "document"
-        ctx.error(doc.at(path), f"{where}: {err['msg']}", rule_id)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        ctx.error(doc.at(path), f"{where}: {msg}", rule_id)
 
 
 def _injector_kinds() -> list[str]:
@@ -223,7 +227,9 @@ def _read_files(paths: Iterable[str], ctx: _Ctx) -> list[_File]:
 # -- semantic checks and compilation ---------------------------------------------------------------------------
 
 
-def _parse_ports(raw: list[int | str] | None, schemes: frozenset[Scheme], where: PathKey, f: _File, rid: str, ctx: _Ctx) -> PortSet:
+def _parse_ports(
+    raw: list[int | str] | None, schemes: frozenset[Scheme], where: PathKey, f: _File, rid: str, ctx: _Ctx
+) -> PortSet:
     if raw is None:
         if Scheme.TCP in schemes:
             ctx.error(f.doc.at(where), "a 'tcp' rule must list its ports", rid, "add 'ports: [5432]'")
@@ -247,7 +253,9 @@ def _parse_ports(raw: list[int | str] | None, schemes: frozenset[Scheme], where:
     return PortSet(tuple(ranges))
 
 
-def _parse_paths(raw: list[str | dict[str, str]] | None, where: PathKey, f: _File, rid: str, ctx: _Ctx) -> tuple[PathMatcher, ...] | None:
+def _parse_paths(
+    raw: list[str | dict[str, str]] | None, where: PathKey, f: _File, rid: str, ctx: _Ctx
+) -> tuple[PathMatcher, ...] | None:
     if raw is None:
         return None
     out: list[PathMatcher] = []
@@ -276,7 +284,9 @@ def _parse_cidrs(raw: list[str] | None, where: PathKey, f: _File, rid: str, ctx:
         try:
             out.append(ipaddress.ip_network(item, strict=True))
         except ValueError as e:
-            ctx.error(f.doc.at((*where, i)), f"{item!r} is not a CIDR: {e}", rid, "write '203.0.113.0/24' or '203.0.113.7/32'")
+            ctx.error(
+                f.doc.at((*where, i)), f"{item!r} is not a CIDR: {e}", rid, "write '203.0.113.0/24' or '203.0.113.7/32'"
+            )
     return tuple(out)
 
 
@@ -290,7 +300,12 @@ def _compile_rule(
     if not dto.hosts and not dto.cidrs:
         ctx.error(pos, "a rule needs 'hosts:' or 'cidrs:'", rid, "name the destinations this rule is about")
     if dto.hosts and dto.cidrs:
-        ctx.error(f.doc.at((*where, "cidrs")), "a rule has either 'hosts:' or 'cidrs:', not both", rid, "split it in two rules")
+        ctx.error(
+            f.doc.at((*where, "cidrs")),
+            "a rule has either 'hosts:' or 'cidrs:', not both",
+            rid,
+            "split it in two rules",
+        )
     hosts: list[HostPattern] = []
     for i, h in enumerate(dto.hosts or ()):
         try:
@@ -303,7 +318,9 @@ def _compile_rule(
     if dto.methods is not None:
         for i, m in enumerate(dto.methods):
             if m not in HTTP_METHODS:
-                hint = f"write {m.upper()!r}" if m.upper() in HTTP_METHODS else "one of " + ", ".join(sorted(HTTP_METHODS))
+                hint = (
+                    f"write {m.upper()!r}" if m.upper() in HTTP_METHODS else "one of " + ", ".join(sorted(HTTP_METHODS))
+                )
                 ctx.error(f.doc.at((*where, "methods", i)), f"unknown HTTP method {m!r}", rid, hint)
         methods = frozenset(dto.methods)
     paths = _parse_paths(dto.paths, (*where, "paths"), f, rid, ctx)
@@ -313,10 +330,20 @@ def _compile_rule(
             ctx.error(f.doc.key_at((*where, "headers", name)), f"{name!r} is not a valid header name", rid)
         headers.append(HeaderCondition.build(name, pattern))
     if Scheme.TCP in schemes and (methods is not None or paths is not None or headers or dto.credential):
-        ctx.error(pos, "a 'tcp' rule cannot have methods, paths, headers or a credential", rid, "TCP tunnels are never inspected")
+        ctx.error(
+            pos,
+            "a 'tcp' rule cannot have methods, paths, headers or a credential",
+            rid,
+            "TCP tunnels are never inspected",
+        )
     mode = Mode(dto.mode or "enforce")
     if dto.action == "allow" and dto.mode == "report":
-        ctx.error(f.doc.at((*where, "mode")), "'mode: report' applies to deny rules", rid, "remove it, or make this a deny rule")
+        ctx.error(
+            f.doc.at((*where, "mode")),
+            "'mode: report' applies to deny rules",
+            rid,
+            "remove it, or make this a deny rule",
+        )
     credential: CredentialRef | None = None
     if dto.credential is not None:
         credential = credentials.get(dto.credential)
@@ -348,7 +375,7 @@ def _compile_rule(
 
 
 def _overlaps(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version and a.overlaps(b)  # type: ignore[arg-type]
+    return a.version == b.version and a.overlaps(b)
 
 
 def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
@@ -377,7 +404,12 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
             for i, rdto in enumerate(p.rules):
                 where: PathKey = ("policies", pname, "rules", i)
                 if rdto.id in rule_pos:
-                    ctx.error(f.doc.at((*where, "id")), f"duplicate rule id {rdto.id!r} (first at {rule_pos[rdto.id]})", rdto.id, "rule ids are unique across all files")
+                    ctx.error(
+                        f.doc.at((*where, "id")),
+                        f"duplicate rule id {rdto.id!r} (first at {rule_pos[rdto.id]})",
+                        rdto.id,
+                        "rule ids are unique across all files",
+                    )
                 else:
                     rule_pos[rdto.id] = f.doc.at(where)
                 rule = _compile_rule(rdto, pname, where, f, credentials, ctx)
@@ -398,9 +430,17 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
             for j, pname in enumerate(s.policies):
                 if pname not in rules_by_policy:
                     close = difflib.get_close_matches(pname, list(rules_by_policy), n=1)
-                    ctx.error(f.doc.at((*where, "policies", j)), f"sandbox {s.id!r} names unknown policy {pname!r}", hint=f"did you mean {close[0]!r}?" if close else "define it under 'policies:'")
+                    ctx.error(
+                        f.doc.at((*where, "policies", j)),
+                        f"sandbox {s.id!r} names unknown policy {pname!r}",
+                        hint=f"did you mean {close[0]!r}?" if close else "define it under 'policies:'",
+                    )
             if not s.sources and not s.token_sha256:
-                ctx.error(pos, f"sandbox {s.id!r} has no 'sources:' and no 'token_sha256:'", hint="the gateway could never recognise it")
+                ctx.error(
+                    pos,
+                    f"sandbox {s.id!r} has no 'sources:' and no 'token_sha256:'",
+                    hint="the gateway could never recognise it",
+                )
             sources: list[IPNetwork] = []
             for j, src in enumerate(s.sources):
                 try:
@@ -423,13 +463,19 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
             for na in a.sources:
                 for nb in b.sources:
                     if _overlaps(na, nb):
-                        ctx.error(b.position, f"sources of sandboxes {a.id!r} ({na}) and {b.id!r} ({nb}) overlap", hint="a source address must identify exactly one sandbox")
+                        ctx.error(
+                            b.position,
+                            f"sources of sandboxes {a.id!r} ({na}) and {b.id!r} ({nb}) overlap",
+                            hint="a source address must identify exactly one sandbox",
+                        )
             if a.token_sha256 and a.token_sha256 == b.token_sha256:
                 ctx.error(b.position, f"sandboxes {a.id!r} and {b.id!r} share a proxy token")
     used = {r.credential.name for rs in rules_by_policy.values() for r in rs if r.credential}
     for name in credentials:
         if name not in used:
-            ctx.issues.append(PolicyIssue(cred_pos[name], f"credential {name!r} is not used by any rule", severity="warning"))
+            ctx.issues.append(
+                PolicyIssue(cred_pos[name], f"credential {name!r} is not used by any rule", severity="warning")
+            )
     for rs in rules_by_policy.values():
         for r in rs:
             if r.credential and Scheme.HTTP in r.schemes:

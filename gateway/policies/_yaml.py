@@ -70,7 +70,9 @@ def _build(node: yaml.Node, path: PathKey, doc: Located, scalars: yaml.construct
                 raise YamlLoadError(_pos(doc.file, key_node), "mapping keys must be plain strings")
             key = str(key_node.value)
             if key in out:
-                raise YamlLoadError(_pos(doc.file, key_node), f"duplicate key {key!r} (YAML would silently keep the last)")
+                raise YamlLoadError(
+                    _pos(doc.file, key_node), f"duplicate key {key!r} (YAML would silently keep the last)"
+                )
             doc.key_positions[(*path, key)] = _pos(doc.file, key_node)
             out[key] = _build(value_node, (*path, key), doc, scalars)
         return out
