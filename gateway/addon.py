@@ -288,8 +288,8 @@ class EgressAddon:
             try:
                 conn.identity = self._identify(conn, None)
             except _Refusal as r:
-                # Keep the connection so the refusal can be answered (and audited) at the first request.
-                conn.refused = r.decision
+                # Keep the connection so the refusal can be answered with a readable 403 at the first request.
+                self._refuse_connection(conn, r.decision, None)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._conns.pop(client.id, None)
@@ -337,7 +337,7 @@ class EgressAddon:
         try:
             sni = normalize_host(sni_raw) if sni_raw else None
         except HostError as e:
-            self._refuse_connection(conn, self.policy.deny(Reason.BAD_HOST, conn.identity, detail=str(e)))
+            self._refuse_connection(conn, self.policy.deny(Reason.BAD_HOST, conn.identity, detail=str(e)), None)
             return
         conn.tls_name = sni
         if not self.state.transparent:
@@ -346,7 +346,9 @@ class EgressAddon:
                 self._audit_connection(conn, conn.tcp_allowed, RequestFacts(Scheme.TCP, *conn.authority or ("", 0)))
                 return
             if conn.authority is None:
-                self._refuse_connection(conn, self.policy.deny(Reason.BAD_HOST, None, detail="TLS without CONNECT"))
+                self._refuse_connection(
+                    conn, self.policy.deny(Reason.BAD_HOST, None, detail="TLS without CONNECT"), None
+                )
                 return
             if sni is not None and sni != conn.authority[0]:
                 self._refuse_connection(
@@ -354,6 +356,7 @@ class EgressAddon:
                     self.policy.deny(
                         Reason.HOST_MISMATCH, conn.identity, detail=f"SNI {sni} != CONNECT {conn.authority[0]}"
                     ),
+                    RequestFacts(Scheme.HTTPS, *conn.authority),
                 )
                 return
             if conn.splice is not None:
@@ -363,7 +366,7 @@ class EgressAddon:
         # Transparent: the name comes from SNI, the port and address from the original destination.
         dst = data.context.server.address
         if dst is None or conn.identity is None:
-            self._refuse_connection(conn, self.policy.deny(Reason.UNKNOWN_SANDBOX, conn.identity))
+            self._refuse_connection(conn, self.policy.deny(Reason.UNKNOWN_SANDBOX, conn.identity), None)
             return
         facts = RequestFacts(Scheme.HTTPS, sni or normalize_host(dst[0]), dst[1])
         try:
@@ -372,16 +375,20 @@ class EgressAddon:
                 raise _Refusal(decision)
             await self._check_original_destination(conn, conn.identity, facts, dst[0])
         except _Refusal as r:
-            self._refuse_connection(conn, r.decision)
+            self._refuse_connection(conn, r.decision, facts)
             return
         if not decision.intercept:
             data.ignore_connection = True
             self._audit_connection(conn, decision, facts)
 
-    def _refuse_connection(self, conn: _Conn, decision: Decision) -> None:
-        """Mark the connection refused; the TLS handshake is intercepted so the sandbox gets a readable 403 (and no
-        upstream connection is made: every server_connect for it is refused)."""
+    def _refuse_connection(self, conn: _Conn, decision: Decision, facts: RequestFacts | None) -> None:
+        """Audit the refusal now (the client may never send a request) and mark the connection: its TLS handshake
+        is intercepted so the sandbox gets a readable 403 for every request, and every server_connect for it is
+        refused, so no upstream connection is ever made."""
         conn.refused = decision
+        conn.splice = None
+        conn.tcp_allowed = None
+        self._audit_decision(conn, decision, facts)
 
     def _audit_connection(self, conn: _Conn, decision: Decision, facts: RequestFacts) -> None:
         self._audit_decision(conn, decision, facts, **{F.INTERCEPTED: False})
@@ -426,7 +433,8 @@ class EgressAddon:
         facts: RequestFacts | None = None
         try:
             if conn.refused is not None:
-                raise _Refusal(conn.refused)
+                self._respond(flow, conn.refused)  # audited when the connection was refused
+                return
             facts, identity = self._request_facts(conn, flow)
             decision = self.policy.decide(identity, facts)
             if decision.blocks:

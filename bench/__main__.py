@@ -1,0 +1,75 @@
+"""`python -m bench NAME`: run one benchmark (or `all`); the last line printed is one JSON object of figures."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ._common import BenchError, bench_workdir, emit_json, save_results
+
+NAMES = ("policy", "gateway", "splice")
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # so every `finally` runs and every started process is stopped
+
+
+def _runner(name: str) -> Callable[[argparse.Namespace, Path], dict[str, Any]]:
+    if name == "policy":
+        from . import policy
+
+        return lambda a, w: policy.run(calls=a.calls, warmup=a.warmup, workdir=w)
+    if name == "gateway":
+        from . import gateway
+
+        return gateway.run
+    from . import splice
+
+    return splice.run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("name", choices=(*NAMES, "all"))
+    p.add_argument("--calls", type=int, default=200_000, help="policy: timed decide() calls per size and phase")
+    p.add_argument("--warmup", type=int, default=20_000, help="policy: untimed warm-up calls")
+    p.add_argument("--duration", type=float, default=8.0, help="gateway/splice: measured seconds per load run")
+    p.add_argument("--warmup-s", type=float, default=1.5, help="gateway/splice: unmeasured seconds before each run")
+    p.add_argument("--rounds", type=int, default=2, help="gateway/splice: rounds, alternating the order of the peers")
+    p.add_argument("--connections", type=int, default=20, help="gateway/splice: keep-alive connections")
+    p.add_argument("--rules", type=int, default=1_000, help="gateway/splice: rules in the gateway's policy")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) for inspection")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    names = NAMES if args.name == "all" else (args.name,)
+    combined: dict[str, Any] = {}
+    try:
+        for name in names:
+            print(f"=== bench {name} ===", flush=True)
+            with bench_workdir(name, keep=args.keep) as workdir:
+                figures = _runner(name)(args, workdir)
+            save_results(name, figures)
+            combined[name] = figures
+            if len(names) > 1:
+                emit_json(figures)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    emit_json(combined if len(names) > 1 else combined[names[0]])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
