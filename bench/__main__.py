@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-s", type=float, default=1.5, help="gateway/splice: unmeasured seconds before each run")
     p.add_argument("--rounds", type=int, default=2, help="gateway/splice: rounds, alternating the order of the peers")
     p.add_argument("--connections", type=int, default=20, help="gateway/splice: keep-alive connections")
+    p.add_argument("--client-procs", type=int, default=1, help="gateway/splice: load-generator processes")
     p.add_argument("--rules", type=int, default=1_000, help="gateway/splice: rules in the gateway's policy")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) for inspection")
     return p

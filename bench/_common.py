@@ -30,6 +30,8 @@ LOOPBACK = "127.0.0.1"
 UPSTREAM_HOST = "bench.example.test"  # intercepted: its rule has method/path conditions
 SPLICE_HOST = "bench-splice.example.test"  # spliced: allowed without conditions or credential
 BENCH_PATH = "/bench/ok"
+UPSTREAM_CA_ORG = "cube-egress bench upstream CA"  # signs nginx's certificate
+INTERCEPT_CA_ORG = "cube-egress bench"  # the gateway's / mitmproxy's interception CA
 
 
 class BenchError(RuntimeError):
@@ -107,7 +109,7 @@ def make_pki(root: Path) -> BenchPKI:
     from mitmproxy.certs import CertStore
 
     root.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA(organization_name="cube-egress bench upstream CA")
+    ca = trustme.CA(organization_name=UPSTREAM_CA_ORG)
     upstream_ca = root / "upstream-ca.pem"
     ca.cert_pem.write_to_path(str(upstream_ca))
     leaf = ca.issue_cert(UPSTREAM_HOST, SPLICE_HOST)
@@ -117,7 +119,7 @@ def make_pki(root: Path) -> BenchPKI:
     # and the bare-mitmproxy baseline so both mint the same kind of leaf certificates.
     confdir = root / "mitm-conf"
     confdir.mkdir(mode=0o700)
-    CertStore.create_store(confdir, "mitmproxy", 2048, organization="cube-egress bench", cn="cube-egress bench CA")
+    CertStore.create_store(confdir, "mitmproxy", 2048, organization=INTERCEPT_CA_ORG, cn=f"{INTERCEPT_CA_ORG} CA")
     bundle = root / "upstream-trust.pem"
     bundle.write_bytes(Path(certifi.where()).read_bytes() + b"\n" + upstream_ca.read_bytes())
     return BenchPKI(
@@ -175,6 +177,7 @@ class Services:
 
     workdir: Path
     started: list[Service] = field(default_factory=list)
+    cleanup_paths: list[Path] = field(default_factory=list)  # outside workdir, removed by close()
 
     def start(
         self,
@@ -216,8 +219,13 @@ class Services:
                 proc.wait(5)
 
     def close(self) -> None:
-        while self.started:
-            self.stop(self.started[-1])
+        try:
+            while self.started:
+                self.stop(self.started[-1])
+        finally:
+            for path in self.cleanup_paths:
+                shutil.rmtree(path, ignore_errors=True)
+            self.cleanup_paths.clear()
 
 
 def wait_listening(svc: Service, port: int, timeout: float = 30.0) -> None:
@@ -247,3 +255,13 @@ def bench_workdir(name: str, keep: bool = False) -> Iterator[Path]:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc), for CPU cost per request."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

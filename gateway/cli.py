@@ -39,7 +39,7 @@ def _print_issues(issues: Sequence[PolicyIssue]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .server import Gateway
+    from .server import Gateway, GatewayStartError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
@@ -82,7 +82,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, gateway.shutdown)
         await task
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except GatewayStartError as e:
+        print(f"cube-egress: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,7 +26,12 @@ from .config import GatewayConfig
 from .policies import CompiledPolicy, PolicyError, load_policy
 from .resolver import Resolver
 
-__all__ = ["Gateway", "ensure_ca"]
+__all__ = ["Gateway", "GatewayStartError", "ensure_ca"]
+
+
+class GatewayStartError(RuntimeError):
+    """The gateway could not start serving (e.g. its listen address is taken)."""
+
 
 log = logging.getLogger("cube_egress.gateway")
 
@@ -131,14 +136,33 @@ class Gateway:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
         run = asyncio.ensure_future(master.run())
-        await self._wait_listening()
-        self.ready.set()
-        await run
+        try:
+            await self._wait_listening(run)
+            self.ready.set()
+            await run
+        finally:
+            # mitmproxy leaves its listening sockets open when run() returns; close them so the port is free.
+            ps = master.addons.get("proxyserver")
+            if ps is not None:
+                await ps.servers.update([])
 
-    async def _wait_listening(self) -> None:
-        for _ in range(200):
-            if self.listen_addresses():
+    async def _wait_listening(self, run: asyncio.Future[None]) -> None:
+        """Return once the proxy listens; raise GatewayStartError if it cannot (mitmproxy itself would only log
+        the failure and keep running without a listener)."""
+        while True:
+            ps = self.master.addons.get("proxyserver") if self.master else None
+            servers = list(ps.servers) if ps is not None else []
+            failed = [s for s in servers if s.last_exception is not None]
+            if failed:
+                self.master.shutdown()  # type: ignore[union-attr]
+                with contextlib.suppress(Exception):
+                    await run
+                raise GatewayStartError(f"cannot listen: {failed[0].last_exception}")
+            if servers and all(s.is_running for s in servers):
                 return
+            if run.done():
+                run.result()
+                raise GatewayStartError("the proxy stopped before it was listening")
             await asyncio.sleep(0.02)
 
     def listen_addresses(self) -> list[tuple[str, int]]:

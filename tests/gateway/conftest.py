@@ -9,13 +9,15 @@ from tests.gateway.harness import RunningGateway, gateway_process, hosts_for_san
 from tests.support.world import UPSTREAM_IPS, World
 
 
-@pytest.fixture(scope="session")
+# Module scope: a gateway (and the transparent redirect) never outlives the tests that need it, so other tests
+# see the world as it is without one.
+@pytest.fixture(scope="module")
 def explicit_gateway(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     with gateway_process(world, tmp_path_factory.mktemp("explicit"), "explicit") as gw:
         yield gw
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def transparent_gateway(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     # The sandbox resolves names itself in transparent mode: give it the answers a resolver would.
     hosts_for_sandbox(

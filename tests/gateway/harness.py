@@ -91,10 +91,14 @@ def _bundle(state_dir: Path, upstream_ca: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def gateway_process(world: World, tmp: Path, mode: str, *, upstream_ca: bool = True) -> Iterator[RunningGateway]:
+def gateway_process(
+    world: World, tmp: Path, mode: str, *, upstream_ca: bool = True, port: int | None = None
+) -> Iterator[RunningGateway]:
     """`cube-egress run --config` as a real process in the gateway namespace (what an operator runs)."""
-    port = EXPLICIT_PORT if mode == "explicit" else TRANSPARENT_PORT
-    cfg = write_config(tmp, mode, port, upstream_ca=world.upstream_ca_pem if upstream_ca else None, policies=[E2E_POLICY])
+    port = port or (EXPLICIT_PORT if mode == "explicit" else TRANSPARENT_PORT)
+    cfg = write_config(
+        tmp, mode, port, upstream_ca=world.upstream_ca_pem if upstream_ca else None, policies=[E2E_POLICY]
+    )
     log_path = tmp / "gateway.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)
     exe = str(Path(sys.executable).with_name("cube-egress"))

@@ -73,9 +73,7 @@ def test_unlisted_host_is_refused(world: World, gateway: RunningGateway, client:
 
 
 @pytest.mark.parametrize("client", CLIENTS)
-def test_spliced_host_reaches_upstream_without_interception(
-    world: World, gateway: RunningGateway, client: str
-) -> None:
+def test_spliced_host_reaches_upstream_without_interception(world: World, gateway: RunningGateway, client: str) -> None:
     # Trusting only the upstream's CA proves the client saw the real upstream certificate: no MITM.
     r = request(world, client, "GET", "https://other.example.test/x", gateway=gateway, ca=world.upstream_ca_pem)
     assert r.status == 200, r
