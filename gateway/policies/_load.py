@@ -355,6 +355,8 @@ def _compile_rule(
             ctx.error(f.doc.at((*where, "credential")), f"unknown credential {dto.credential!r}", rid, hint)
         if dto.cidrs:
             ctx.error(f.doc.at((*where, "credential")), "credentials are bound to host names, not CIDRs", rid)
+        if Scheme.HTTP in schemes:
+            ctx.error(pos, "a credential would be sent over plain HTTP", rid, "use 'schemes: [https]'")
     if len(ctx.issues) != n_before:
         return None
     return Rule(
@@ -396,10 +398,12 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
     for f in files:
         for pname, p in f.dto.policies.items():
             ppos = f.doc.key_at(("policies", pname))
-            if pname in rules_by_policy:
+            duplicate = pname in rules_by_policy
+            if duplicate:
+                # Reported, and its rules are still checked below so their errors come out in the same run.
                 ctx.error(ppos, f"policy {pname!r} is defined twice (first at {policy_pos[pname]})", hint="rename one")
-                continue
-            policy_pos[pname] = ppos
+            else:
+                policy_pos[pname] = ppos
             rules: list[Rule] = []
             for i, rdto in enumerate(p.rules):
                 where: PathKey = ("policies", pname, "rules", i)
@@ -415,7 +419,8 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
                 rule = _compile_rule(rdto, pname, where, f, credentials, ctx)
                 if rule is not None:
                     rules.append(rule)
-            rules_by_policy[pname] = rules
+            if not duplicate:
+                rules_by_policy[pname] = rules
 
     sandboxes: list[Sandbox] = []
     sandbox_pos: dict[str, Position] = {}
@@ -423,10 +428,12 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
         for i, s in enumerate(f.dto.sandboxes):
             where = ("sandboxes", i)
             pos = f.doc.at(where)
-            if s.id in sandbox_pos:
+            duplicate = s.id in sandbox_pos
+            if duplicate:
+                # Reported; the rest of it is still checked so its other errors come out in the same run.
                 ctx.error(f.doc.at((*where, "id")), f"sandbox {s.id!r} is defined twice (first at {sandbox_pos[s.id]})")
-                continue
-            sandbox_pos[s.id] = pos
+            else:
+                sandbox_pos[s.id] = pos
             for j, pname in enumerate(s.policies):
                 if pname not in rules_by_policy:
                     close = difflib.get_close_matches(pname, list(rules_by_policy), n=1)
@@ -447,6 +454,8 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
                     sources.append(ipaddress.ip_network(src, strict=True))
                 except ValueError as e:
                     ctx.error(f.doc.at((*where, "sources", j)), f"{src!r} is not a CIDR: {e}")
+            if duplicate:
+                continue
             sandboxes.append(
                 Sandbox(
                     id=s.id,
@@ -476,10 +485,6 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
             ctx.issues.append(
                 PolicyIssue(cred_pos[name], f"credential {name!r} is not used by any rule", severity="warning")
             )
-    for rs in rules_by_policy.values():
-        for r in rs:
-            if r.credential and Scheme.HTTP in r.schemes:
-                ctx.error(r.position, "a credential would be sent over plain HTTP", r.id, "use 'schemes: [https]'")
 
     if any(i.severity == "error" for i in ctx.issues):
         return None
