@@ -63,8 +63,6 @@ _SECURITY_KIND: dict[Reason, str] = {
     Reason.GATEWAY_ERROR: "hook_error",
 }
 _DEFAULT_PORT = {"http": 80, "https": 443}
-# Percent-encoded separators and dot segments make a path mean different things to the policy and to the upstream.
-_AMBIGUOUS_PATH_TOKENS = ("%2f", "%5c", "%2e", "\\", "%00")
 
 
 @dataclass
@@ -215,8 +213,8 @@ class EgressAddon:
                     F.SANDBOX: decision.sandbox_id,
                     F.SOURCE: conn.source,
                     F.POLICY_HASH: decision.policy_hash,
-                    F.HOST: facts.host if facts else None,
-                    F.PORT: facts.port if facts else None,
+                    F.HOST: facts.host if facts else extra.get(F.HOST),
+                    F.PORT: facts.port if facts else extra.get(F.PORT),
                     F.DETAIL: decision.detail,
                 },
             )
@@ -259,9 +257,10 @@ class EgressAddon:
         dst_ip = parse_ip_literal(dst)
         if dst_ip is None:
             raise _Refusal(self.policy.deny(Reason.BAD_HOST, identity, detail=f"original destination {dst!r}"))
+        answers: tuple[IPAddress, ...] = (dst_ip,)
         if parse_ip_literal(facts.host) is None:
-            resolution = await self.state.resolver.resolve(facts.host)
-            if dst_ip not in resolution.addresses:
+            answers = (await self.state.resolver.resolve(facts.host)).addresses
+            if dst_ip not in answers:
                 raise _Refusal(
                     self.policy.deny(
                         Reason.DESTINATION_NOT_IN_ANSWERS,
@@ -271,8 +270,9 @@ class EgressAddon:
                 )
         elif dst_ip != parse_ip_literal(facts.host):
             raise _Refusal(self.policy.deny(Reason.HOST_MISMATCH, identity, detail=f"{facts.host} != {dst_ip}"))
+        # All of our answers are judged, as in explicit mode: one refused answer refuses the name (rebinding).
         check = self.policy.check_addresses(
-            identity, facts, (dst_ip,), self.state.gateway_addresses, self.state.gateway_ports
+            identity, facts, answers, self.state.gateway_addresses, self.state.gateway_ports
         )
         if check.decision is not None:
             raise _Refusal(check.decision)
@@ -420,7 +420,9 @@ class EgressAddon:
             self._audit_connection(conn, conn.tcp_allowed, RequestFacts(Scheme.TCP, *conn.authority or ("", 0)))
             return
         decision = self.policy.deny(Reason.PROTOCOL_NOT_ALLOWED, conn.identity, detail="non-HTTP traffic")
-        self._audit_decision(conn, decision, None)
+        target = conn.authority or flow.server_conn.address
+        facts = RequestFacts(Scheme.TCP, str(target[0]), int(target[1])) if target else None
+        self._audit_decision(conn, decision, facts)
         flow.kill()
 
     # -- request hooks ------------------------------------------------------------------------------------------
@@ -448,10 +450,18 @@ class EgressAddon:
                 await self._authorize_destination(conn, identity, facts)
             flow.metadata["cube_egress"] = _FlowInfo(decision, facts)
         except _Refusal as r:
+            # Refused before the facts were complete: record what the request claimed, as it claimed it.
             extra = (
                 {}
                 if facts is not None
-                else {F.PHASE: "request", F.METHOD: flow.request.method, F.PATH: redact_path(flow.request.path)}
+                else {
+                    F.PHASE: "request",
+                    F.METHOD: flow.request.method,
+                    F.PATH: redact_path(flow.request.path),
+                    F.HOST: flow.request.pretty_host,
+                    F.PORT: flow.request.port,
+                    F.SCHEME: flow.request.scheme,
+                }
             )
             self._audit_decision(conn, r.decision, facts, **extra)
             self._respond(flow, r.decision)
@@ -508,8 +518,6 @@ class EgressAddon:
             if conn.tls_name is not None and conn.tls_name != host:
                 raise mismatch("SNI", (conn.tls_name, port))
         path = req.path
-        if _is_ambiguous_path(path):
-            raise _Refusal(self.policy.deny(Reason.AMBIGUOUS_PATH, identity, detail=redact_path(path)))
         headers = tuple((k.lower(), v) for k, v in req.headers.items(multi=True))
         return RequestFacts(Scheme(scheme), host, port, req.method, path, headers), identity
 
@@ -600,12 +608,3 @@ def _token_from_header(value: str) -> str | None:
         _, _, token = decoded.partition(":")
         return token or None
     return None
-
-
-def _is_ambiguous_path(path: str) -> bool:
-    bare = path.split("?", 1)[0]
-    lowered = bare.lower()
-    if any(t in lowered for t in _AMBIGUOUS_PATH_TOKENS):
-        return True
-    segments = bare.split("/")
-    return any(s in (".", "..") for s in segments)

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import pydantic
@@ -23,6 +23,7 @@ from .policies import (
     Decision,
     PolicyError,
     PolicyIssue,
+    Scheme,
     facts_from_url,
     load_policy,
 )
@@ -131,11 +132,20 @@ def _explain(
     connection = policy.decide(identity, facts_from_url(None, url))
     out = _decision_dict(request)
     out["passes"] = not request.blocks
+    facts = facts_from_url(None, url)
+    if facts.scheme is Scheme.HTTP:
+        handling = "per-request"  # plain HTTP is always judged request by request
+    elif connection.blocks:
+        handling = "refused"
+    elif facts.scheme is Scheme.TCP:
+        handling = "tunnel"
+    else:
+        handling = "intercepted" if connection.intercept else "spliced"
     out["connection"] = {
         "verdict": str(connection.verdict),
         "rule": connection.rule_id,
         "reason": str(connection.reason),
-        "handling": "refused" if connection.blocks else ("intercepted" if connection.intercept else "spliced"),
+        "handling": handling,
     }
     return out
 
@@ -202,7 +212,7 @@ class _Case(pydantic.BaseModel):
 
 class _Cases(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
-    version: int
+    version: Literal[1]
     policy: list[str]
     cases: list[_Case]
 
@@ -225,6 +235,11 @@ def _cmd_test(args: argparse.Namespace) -> int:
             return 1
         for case in suite.cases:
             total += 1
+            if case.sandbox not in policy.sandboxes:
+                # Otherwise a misspelt sandbox "passes" every case that expects a deny.
+                print(f"FAIL {case.name}: unknown sandbox {case.sandbox!r}")
+                failures += 1
+                continue
             try:
                 got = _explain(policy, case.sandbox, case.method, case.url, list(case.headers.items()))
             except ValueError as e:
@@ -234,7 +249,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
             got_flat = {**got, "connection": got["connection"]["handling"]}
             diffs = [
                 (key, want, got_flat.get(key))
-                for key, want in case.expect.model_dump(exclude_none=True).items()
+                # Keys the case spells out, so `rule: null` asserts that no rule matched.
+                for key, want in case.expect.model_dump(include=case.expect.model_fields_set).items()
                 if got_flat.get(key) != want
             ]
             if diffs:

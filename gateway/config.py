@@ -13,7 +13,7 @@ import os
 from typing import Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .policies._yaml import YamlLoadError, load_yaml
 
@@ -49,6 +49,12 @@ class ResolverConfig(_C):
     min_ttl_s: int = Field(default=5, ge=0)
     max_ttl_s: int = Field(default=300, ge=1)
 
+    @model_validator(mode="after")
+    def _ttl_order(self) -> ResolverConfig:
+        if self.min_ttl_s > self.max_ttl_s:
+            raise ValueError("min_ttl_s must not exceed max_ttl_s")
+        return self
+
 
 class AuditConfig(_C):
     path: str | None = None  # default: <state_dir>/audit.jsonl
@@ -66,7 +72,7 @@ class GatewayConfig(_C):
     policies: list[str] = Field(min_length=1)
     state_dir: str = ".cube-egress"
     ca: CAConfig | None = None
-    upstream_ca: str | None = None  # extra CA bundle trusted for upstreams, on top of the system store
+    upstream_ca: str | None = None  # extra CA bundle trusted for upstreams, on top of the system trust store
     resolver: ResolverConfig = ResolverConfig()
     audit: AuditConfig = AuditConfig()
     secrets: SecretsConfig | None = None

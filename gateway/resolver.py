@@ -18,7 +18,7 @@ import dns.rdatatype
 import dns.resolver
 
 from .config import ResolverConfig
-from .policies import IPAddress, parse_ip_literal
+from .policies import IPAddress, normalize_host, parse_ip_literal
 
 __all__ = ["Resolution", "Resolver"]
 
@@ -34,8 +34,7 @@ class Resolver:
     def __init__(self, config: ResolverConfig) -> None:
         self._config = config
         self._static = {
-            name.lower().rstrip("."): tuple(ipaddress.ip_address(a) for a in addrs)
-            for name, addrs in config.hosts.items()
+            normalize_host(name): tuple(ipaddress.ip_address(a) for a in addrs) for name, addrs in config.hosts.items()
         }
         if config.nameservers:
             self._dns = dns.asyncresolver.Resolver(configure=False)

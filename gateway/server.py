@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from pathlib import Path
 
 import certifi
@@ -65,12 +66,26 @@ def ensure_ca(config: GatewayConfig) -> Path:
     return confdir
 
 
-def _upstream_bundle(config: GatewayConfig) -> str | None:
-    """System trust plus the optional extra CA: mitmproxy takes a single file, so we concatenate them."""
+def _system_trust_file() -> str:
+    """The system's CA bundle (Debian: /etc/ssl/certs/ca-certificates.crt), or certifi's where there is none."""
+    default = ssl.get_default_verify_paths().cafile
+    if default and os.path.exists(default):
+        return default
+    for candidate in ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
+        if os.path.exists(candidate):
+            return candidate
+    return certifi.where()
+
+
+def _upstream_bundle(config: GatewayConfig) -> str:
+    """What upstream certificates are verified against: the system trust store plus the optional extra CA.
+
+    mitmproxy takes a single file, so the two are concatenated into the state dir."""
+    system = _system_trust_file()
     if config.upstream_ca is None:
-        return None
+        return system
     bundle = Path(config.state_dir) / "upstream-trust.pem"
-    bundle.write_bytes(Path(certifi.where()).read_bytes() + b"\n" + Path(config.upstream_ca).read_bytes())
+    bundle.write_bytes(Path(system).read_bytes() + b"\n" + Path(config.upstream_ca).read_bytes())
     return str(bundle)
 
 

@@ -154,3 +154,17 @@ def test_readme_run_command_default(world: World, tmp_path: Path) -> None:
     finally:
         world.stop(gw)
         world.stop(upstream)
+
+
+def test_policy_test_fails_on_unknown_sandbox_and_checks_explicit_nulls(tmp_path: Path) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        f"version: 1\npolicy: [{REPO / 'policies' / 'sandboxes.yaml'}]\ncases:\n"
+        "  - {name: typo, sandbox: lcoal-dev, url: 'https://example.net/', expect: {verdict: deny}}\n"
+        "  - {name: no rule, sandbox: local-dev, url: 'https://pypi.org/', expect: {rule: null}}\n"
+    )
+    r = cli("policy", "test", str(cases))
+    assert r.returncode == 1
+    assert "FAIL typo: unknown sandbox 'lcoal-dev'" in r.stdout
+    assert "FAIL no rule" in r.stdout and "+ actual   rule: pypi" in r.stdout
+    assert "0 passed, 2 failed" in r.stdout

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import threading
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
@@ -23,15 +23,23 @@ __all__ = ["AuditLog", "redact_path"]
 _REDACTED = "REDACTED"
 
 
+_PARAM_NAME = re.compile(r"^[A-Za-z0-9_.\-\[\]]{1,40}$")
+
+
 def redact_path(path: str) -> str:
-    """Keep the path and the query parameter names; replace every query value (tokens often travel there)."""
+    """Keep the path and the names of query parameters; replace every value (tokens often travel there).
+
+    A "name" that does not look like one (too long, odd characters, or a bare `?token` with no `=`) is itself
+    replaced: the secret may be the whole query.
+    """
     bare, sep, query = path.partition("?")
     if not sep:
         return bare
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if not pairs:
-        return bare + "?" + _REDACTED
-    return bare + "?" + urlencode([(k, _REDACTED) for k, _ in pairs], safe="")
+    parts = []
+    for item in query.split("&"):
+        name, eq, _ = item.partition("=")
+        parts.append(f"{name}={_REDACTED}" if eq and _PARAM_NAME.match(name) else _REDACTED)
+    return bare + "?" + "&".join(parts)
 
 
 def _now() -> str:

@@ -14,6 +14,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,7 +29,22 @@ __all__ = [
     "Identity",
     "Reason",
     "RequestFacts",
+    "path_is_ambiguous",
 ]
+
+# A percent-escape of an unreserved character (RFC 3986 2.3: never needed, so only used to disguise a path), or of a
+# separator, a dot, a backslash or NUL: each lets the policy and the upstream read different paths.
+_SUSPICIOUS_ESCAPE = re.compile(r"%(?:[46][1-9a-f]|[57][0-9a]|3[0-9]|2[def]|5[cf]|7e|00)", re.IGNORECASE)
+
+
+def path_is_ambiguous(path: str) -> bool:
+    """True for a request path that an upstream could resolve differently from how the policy matched it:
+    disguising escapes, backslashes, dot segments and empty segments (`//`, which many servers merge)."""
+    bare = path.split("?", 1)[0]
+    if "\\" in bare or _SUSPICIOUS_ESCAPE.search(bare):
+        return True
+    segments = bare.split("/")[1:]
+    return any(s in (".", "..") for s in segments) or any(s == "" for s in segments[:-1])
 
 
 class Reason(enum.StrEnum):
@@ -230,7 +246,7 @@ class CompiledPolicy:
         rules = index.for_address(address) if address is not None else index.for_host(facts.host)
         if address is not None and not rules:
             return None
-        return [r for r in rules if facts.port in r.ports and facts.scheme in r.schemes]
+        return [r for r in rules if r.covers(facts.scheme, facts.port)]
 
     def decide(self, identity: Identity | None, facts: RequestFacts) -> Decision:
         if identity is None or identity.sandbox_id not in self.sandboxes:
@@ -242,6 +258,8 @@ class CompiledPolicy:
         if facts.method is None:
             return self._decide_connection(sandbox, candidates)
         assert facts.path is not None
+        if path_is_ambiguous(facts.path):
+            return self.deny(Reason.AMBIGUOUS_PATH, identity, detail=facts.path.split("?", 1)[0])
         matched = [r for r in candidates if r.matches_request(facts.method, facts.path, facts.headers)]
         return self._resolve(sandbox, matched)
 
@@ -333,14 +351,37 @@ class CompiledPolicy:
         allowed: list[IPAddress] = []
         refused: list[tuple[IPAddress, AddressClass]] = []
         for address in addresses:
+            rules = index.for_address(address)
+            denied_by = next(
+                (
+                    r
+                    for r in rules
+                    if r.action is Verdict.DENY
+                    and r.mode is Mode.ENFORCE
+                    and not r.has_request_conditions
+                    and r.covers(facts.scheme, facts.port)
+                ),
+                None,
+            )
+            if denied_by is not None:
+                # A deny rule naming a network applies to names that resolve into it, not only to IP literals.
+                denied = Decision(
+                    Verdict.DENY,
+                    Mode.ENFORCE,
+                    Reason.DENIED_BY_RULE,
+                    denied_by.id,
+                    policy_hash=self.policy_hash,
+                    sandbox_id=identity.sandbox_id,
+                    detail=str(address),
+                )
+                return AddressCheck((), (), denied)
             cls = classify_address(address, gateway_addresses)
             if cls is AddressClass.GATEWAY and facts.port in gateway_ports:
                 return AddressCheck(
                     (), ((address, cls),), self.deny(Reason.GATEWAY_LOOP, identity, detail=f"{address}:{facts.port}")
                 )
             if cls is AddressClass.GLOBAL or any(
-                r.action is Verdict.ALLOW and facts.port in r.ports and facts.scheme in r.schemes
-                for r in index.for_address(address)
+                r.action is Verdict.ALLOW and r.covers(facts.scheme, facts.port) for r in rules
             ):
                 allowed.append(address)
             else:

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pydantic
 
-from ._decide import CompiledPolicy
+from ._decide import CompiledPolicy, path_is_ambiguous
 from ._hosts import HostError, HostPattern
 from ._model import (
     CredentialRef,
@@ -39,7 +39,6 @@ __all__ = ["PolicyError", "PolicyIssue", "load_policy"]
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_DEFAULT_PORTS = {Scheme.HTTP: 80, Scheme.HTTPS: 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,12 +228,12 @@ def _read_files(paths: Iterable[str], ctx: _Ctx) -> list[_File]:
 
 def _parse_ports(
     raw: list[int | str] | None, schemes: frozenset[Scheme], where: PathKey, f: _File, rid: str, ctx: _Ctx
-) -> PortSet:
+) -> PortSet | None:
+    """None means "each scheme's own default port" (https:443, http:80), never the cross product."""
     if raw is None:
         if Scheme.TCP in schemes:
             ctx.error(f.doc.at(where), "a 'tcp' rule must list its ports", rid, "add 'ports: [5432]'")
-            return PortSet(())
-        return PortSet(tuple(sorted({(p, p) for s in schemes if (p := _DEFAULT_PORTS.get(s))})))
+        return None
     ranges: list[tuple[int, int]] = []
     for i, item in enumerate(raw):
         pos = f.doc.at((*where, i))
@@ -262,7 +261,7 @@ def _parse_paths(
     for i, item in enumerate(raw):
         pos = f.doc.at((*where, i))
         if isinstance(item, str):
-            kind, pattern = ("glob" if ("*" in item or "?" in item) else "exact"), item
+            kind, pattern = ("glob" if "*" in item else "exact"), item
         elif len(item) == 1 and next(iter(item)) in ("exact", "prefix", "glob"):
             kind, pattern = next(iter(item.items()))
         else:
@@ -273,6 +272,9 @@ def _parse_paths(
             continue
         if "?" in pattern and kind != "glob":
             ctx.error(pos, "paths match without the query string; drop the '?...' part", rid)
+            continue
+        if path_is_ambiguous(pattern):
+            ctx.error(pos, f"path {pattern!r} can never match: requests with such paths are refused", rid)
             continue
         out.append(PathMatcher.build(kind, pattern))
     return tuple(out)
@@ -314,6 +316,9 @@ def _compile_rule(
             ctx.error(f.doc.at((*where, "hosts", i)), str(e), rid)
     cidrs = _parse_cidrs(dto.cidrs, (*where, "cidrs"), f, rid, ctx)
     ports = _parse_ports(dto.ports, schemes, (*where, "ports"), f, rid, ctx)
+    for key in ("hosts", "cidrs", "ports", "schemes", "methods", "paths"):
+        if getattr(dto, key) == []:
+            ctx.error(f.doc.at((*where, key)), f"'{key}: []' matches nothing", rid, f"remove '{key}' to match any")
     methods: frozenset[str] | None = None
     if dto.methods is not None:
         for i, m in enumerate(dto.methods):

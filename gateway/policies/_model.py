@@ -12,6 +12,7 @@ from ._hosts import HostPattern
 from ._yaml import Position
 
 __all__ = [
+    "DEFAULT_PORTS",
     "CredentialRef",
     "HeaderCondition",
     "IPNetwork",
@@ -43,6 +44,9 @@ class Scheme(enum.StrEnum):
     HTTP = "http"
     HTTPS = "https"
     TCP = "tcp"  # a raw TCP tunnel through explicit CONNECT, never inspected
+
+
+DEFAULT_PORTS = {Scheme.HTTP: 80, Scheme.HTTPS: 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,13 +137,19 @@ class Rule:
     mode: Mode
     hosts: tuple[HostPattern, ...]
     cidrs: tuple[IPNetwork, ...]
-    ports: PortSet
+    ports: PortSet | None  # None: each scheme's default port
     schemes: frozenset[Scheme]
     methods: frozenset[str] | None
     paths: tuple[PathMatcher, ...] | None
     headers: tuple[HeaderCondition, ...]
     credential: CredentialRef | None
     position: Position = field(compare=False)
+
+    def covers(self, scheme: Scheme, port: int) -> bool:
+        """Does this rule's destination part (scheme and port) include this connection?"""
+        if scheme not in self.schemes:
+            return False
+        return port == DEFAULT_PORTS.get(scheme) if self.ports is None else port in self.ports
 
     @property
     def has_request_conditions(self) -> bool:

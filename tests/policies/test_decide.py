@@ -168,6 +168,46 @@ CASES = [
     Case("decimal ip literal", "GET", "https://169090052/", A, Reason.ALLOWED_BY_RULE, "internal-net"),
     Case("hex ip literal", "GET", "https://0xa.0x14.3.4/", A, Reason.ALLOWED_BY_RULE, "internal-net"),
     Case("ip literal wrong port", "GET", "https://10.20.3.4:8443/", D, Reason.NO_MATCHING_RULE, None),
+    Case("both schemes, each on its own port", "GET", "http://dual.example.com/", A, Reason.ALLOWED_BY_RULE, "dual"),
+    Case("both schemes, https on 443", "GET", "https://dual.example.com/", A, Reason.ALLOWED_BY_RULE, "dual"),
+    Case("no cross product: http on 443", "GET", "http://dual.example.com:443/", D, Reason.NO_MATCHING_RULE, None),
+    Case("no cross product: https on 80", "GET", "https://dual.example.com:80/", D, Reason.NO_MATCHING_RULE, None),
+    # paths an upstream could read differently from the policy
+    Case(
+        "escaped unreserved char", "POST", "https://api.github.com/repos/o/r/%69ssues", D, Reason.AMBIGUOUS_PATH, None
+    ),
+    Case("escaped slash", "GET", "https://api.github.com/repos/o%2Fr/hooks", D, Reason.AMBIGUOUS_PATH, None),
+    Case("empty segment", "GET", "https://api.github.com/repos//o/r/hooks/1", D, Reason.AMBIGUOUS_PATH, None),
+    Case("dot segment", "GET", "https://api.github.com/user/../repos/o/r/hooks/1", D, Reason.AMBIGUOUS_PATH, None),
+    Case("escaped dot segment", "GET", "https://api.github.com/user/%2e%2e/x", D, Reason.AMBIGUOUS_PATH, None),
+    Case("backslash", "GET", "https://api.github.com/user\\..\\x", D, Reason.AMBIGUOUS_PATH, None),
+    Case(
+        "escaped space is fine",
+        "GET",
+        "https://api.github.com/a%20b",
+        A,
+        Reason.ALLOWED_BY_RULE,
+        "gh-read",
+        credential="gh",
+    ),
+    Case(
+        "trailing slash is fine",
+        "GET",
+        "https://api.github.com/user/",
+        A,
+        Reason.ALLOWED_BY_RULE,
+        "gh-read",
+        credential="gh",
+    ),
+    Case(
+        "query is not a path",
+        "GET",
+        "https://api.github.com/user?next=/../x%2F",
+        A,
+        Reason.ALLOWED_BY_RULE,
+        "gh-read",
+        credential="gh",
+    ),
     # connection phase: refuse, splice, intercept
     Case(
         "splice unconditional allow",
@@ -327,3 +367,13 @@ def test_gateway_own_address(policy: CompiledPolicy) -> None:
 def test_no_addresses_is_a_refusal(policy: CompiledPolicy) -> None:
     check = policy.check_addresses(Identity("sb", "t"), facts_from_url("GET", "https://pypi.org/"), [])
     assert check.decision is not None and check.decision.reason is Reason.DESTINATION_NOT_RESOLVED
+
+
+def test_deny_cidr_applies_to_names_resolving_into_it(policy: CompiledPolicy) -> None:
+    facts = facts_from_url("GET", "https://pypi.org/")
+    check = policy.check_addresses(Identity("sb", "t"), facts, [ipaddress.ip_address("1.1.1.7")])
+    assert check.decision is not None
+    assert (check.decision.reason, check.decision.rule_id) == (Reason.DENIED_BY_RULE, "deny-net")
+    # Only for the schemes and ports the deny rule names.
+    http = facts_from_url("GET", "http://mirror.example.com/")
+    assert policy.check_addresses(Identity("sb", "t"), http, [ipaddress.ip_address("1.1.1.7")]).ok
