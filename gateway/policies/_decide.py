@@ -41,6 +41,8 @@ def path_is_ambiguous(path: str) -> bool:
     """True for a request path that an upstream could resolve differently from how the policy matched it:
     disguising escapes, backslashes, dot segments and empty segments (`//`, which many servers merge)."""
     bare = path.split("?", 1)[0]
+    if "%" not in bare and "\\" not in bare and "/." not in bare and "//" not in bare:
+        return False  # the common case, decided with four substring scans
     if "\\" in bare or _SUSPICIOUS_ESCAPE.search(bare):
         return True
     segments = bare.split("/")[1:]
@@ -156,6 +158,19 @@ class _RuleIndex:
         return [r for r in self.by_cidr if any(address in n for n in r.cidrs if n.version == address.version)]
 
 
+_PLAN_CACHE_SIZE = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The rules covering one (sandbox, host, scheme, port), split by whether only a request can tell if they match."""
+
+    unconditional: tuple[Rule, ...]
+    conditional: tuple[Rule, ...]
+    connection: Decision  # the connection-phase answer
+    request: Decision | None  # the answer for every request, when no conditional rule is in play
+
+
 class CompiledPolicy:
     """A loaded policy set: sandboxes, their rules compiled into indexes, and the version hash of the inputs."""
 
@@ -190,6 +205,8 @@ class CompiledPolicy:
         for (version, plen), nets in sorted(by_len.items(), key=lambda kv: -kv[0][1]):
             self._by_prefix.append((version, plen, nets))
         self._tokens = [(sb.token_sha256, sb.id) for sb in self.sandboxes.values() if sb.token_sha256]
+        self._plans: dict[tuple[str, str, Scheme, int], _Plan] = {}
+        self._decisions: dict[tuple[str, str | None, str | None, str | None], Decision] = {}
 
     @property
     def rule_count(self) -> int:
@@ -240,30 +257,55 @@ class CompiledPolicy:
             detail=detail,
         )
 
-    def _candidates(self, index: _RuleIndex, facts: RequestFacts) -> list[Rule] | None:
-        """Rules whose destination part matches; None if the host is an IP literal no CIDR rule names."""
-        address = parse_ip_literal(facts.host)
-        rules = index.for_address(address) if address is not None else index.for_host(facts.host)
-        if address is not None and not rules:
-            return None
-        return [r for r in rules if r.covers(facts.scheme, facts.port)]
+    def _plan(self, sandbox: Sandbox, host: str, scheme: Scheme, port: int) -> _Plan:
+        """What the rules say about one destination for one sandbox, computed once and cached.
+
+        The cache key is the destination (attacker-influenced), so the cache is bounded: when full it is dropped
+        and rebuilt, which costs time, never correctness."""
+        key = (sandbox.id, host, scheme, port)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        index = self._sandbox_index[sandbox.id]
+        address = parse_ip_literal(host)
+        if address is not None:
+            found = index.for_address(address)
+            if not found:
+                refused = self.deny(Reason.IP_LITERAL_NOT_ALLOWED, Identity(sandbox.id, ""), detail=host)
+                return self._remember(key, _Plan((), (), refused, refused))
+        else:
+            found = index.for_host(host)
+        candidates = [r for r in found if r.covers(scheme, port)]
+        unconditional = tuple(r for r in candidates if not r.has_request_conditions)
+        conditional = tuple(r for r in candidates if r.has_request_conditions)
+        connection = self._decide_connection(sandbox, candidates, unconditional)
+        # With no request-level rule in play, every request to this destination gets the same answer.
+        request = self._resolve(sandbox, unconditional) if not conditional else None
+        return self._remember(key, _Plan(unconditional, conditional, connection, request))
+
+    def _remember(self, key: tuple[str, str, Scheme, int], plan: _Plan) -> _Plan:
+        if len(self._plans) >= _PLAN_CACHE_SIZE:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
 
     def decide(self, identity: Identity | None, facts: RequestFacts) -> Decision:
-        if identity is None or identity.sandbox_id not in self.sandboxes:
+        sandbox = self.sandboxes.get(identity.sandbox_id) if identity is not None else None
+        if sandbox is None:
             return self.deny(Reason.UNKNOWN_SANDBOX, identity)
-        sandbox = self.sandboxes[identity.sandbox_id]
-        candidates = self._candidates(self._sandbox_index[sandbox.id], facts)
-        if candidates is None:
-            return self.deny(Reason.IP_LITERAL_NOT_ALLOWED, identity, detail=facts.host)
+        plan = self._plan(sandbox, facts.host, facts.scheme, facts.port)
         if facts.method is None:
-            return self._decide_connection(sandbox, candidates)
+            return plan.connection
         assert facts.path is not None
         if path_is_ambiguous(facts.path):
             return self.deny(Reason.AMBIGUOUS_PATH, identity, detail=facts.path.split("?", 1)[0])
-        matched = [r for r in candidates if r.matches_request(facts.method, facts.path, facts.headers)]
-        return self._resolve(sandbox, matched)
+        if plan.request is not None:
+            return plan.request
+        method, path, headers = facts.method, facts.path, facts.headers
+        matched = [r for r in plan.conditional if r.matches_request(method, path, headers)]
+        return self._resolve(sandbox, [*plan.unconditional, *matched])
 
-    def _resolve(self, sandbox: Sandbox, matched: list[Rule]) -> Decision:
+    def _resolve(self, sandbox: Sandbox, matched: Iterable[Rule]) -> Decision:
         enforced_deny = report_deny = allow = None
         for rule in matched:
             if rule.action is Verdict.ALLOW:
@@ -272,11 +314,20 @@ class CompiledPolicy:
                 enforced_deny = enforced_deny or rule
             else:
                 report_deny = report_deny or rule
+        key = (
+            sandbox.id,
+            enforced_deny.id if enforced_deny else None,
+            report_deny.id if report_deny else None,
+            allow.id if allow else None,
+        )
+        cached = self._decisions.get(key)
+        if cached is not None:
+            return cached
 
         def decision(
             verdict: Verdict, mode: Mode, reason: Reason, rule: Rule | None, credential: CredentialRef | None
         ) -> Decision:
-            return Decision(
+            made = Decision(
                 verdict,
                 mode,
                 reason,
@@ -285,6 +336,9 @@ class CompiledPolicy:
                 sandbox_id=sandbox.id,
                 credential=credential,
             )
+            # Bounded by sandboxes x rules: decisions are values, so identical outcomes share one object.
+            self._decisions[key] = made
+            return made
 
         if enforced_deny is not None:
             return decision(Verdict.DENY, Mode.ENFORCE, Reason.DENIED_BY_RULE, enforced_deny, None)
@@ -296,10 +350,9 @@ class CompiledPolicy:
             return decision(Verdict.ALLOW, Mode.ENFORCE, Reason.ALLOWED_BY_RULE, allow, credential)
         return decision(Verdict.DENY, sandbox.default_mode, Reason.NO_MATCHING_RULE, None, None)
 
-    def _decide_connection(self, sandbox: Sandbox, candidates: list[Rule]) -> Decision:
+    def _decide_connection(self, sandbox: Sandbox, candidates: list[Rule], unconditional: tuple[Rule, ...]) -> Decision:
         """Before any request is seen: refuse what no request could make allowed, splice what no request could
         make denied or need a credential, and intercept the rest so each request is decided on its own."""
-        unconditional = [r for r in candidates if not r.has_request_conditions]
         decision = self._resolve(sandbox, unconditional)
         if decision.blocks:
             if decision.reason is Reason.DENIED_BY_RULE:

@@ -16,6 +16,10 @@ __all__ = ["Located", "Position", "YamlLoadError", "load_yaml"]
 
 PathKey = tuple[str | int, ...]
 
+# libyaml's parser when PyYAML was built with it (the wheels are): same nodes and marks, an order of magnitude faster
+# on large policy sets. The pure-Python parser is the fallback.
+_Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 @dataclass(frozen=True, slots=True)
 class Position:
@@ -85,7 +89,7 @@ def _build(node: yaml.Node, path: PathKey, doc: Located, scalars: yaml.construct
 def load_yaml(text: str, file: str) -> Located:
     doc = Located(value=None, file=file)
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             root = loader.get_single_node()
         finally:
