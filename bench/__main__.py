@@ -23,7 +23,7 @@ def _runner(name: str) -> Callable[[argparse.Namespace, Path], dict[str, Any]]:
     if name == "policy":
         from . import policy
 
-        return lambda a, w: policy.run(calls=a.calls, warmup=a.warmup, workdir=w)
+        return lambda a, w: policy.run(calls=a.calls, warmup=a.warmup, cold=a.cold, workdir=w)
     if name == "gateway":
         from . import gateway
 
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=(*NAMES, "all"))
     p.add_argument("--calls", type=int, default=200_000, help="policy: timed decide() calls per size and phase")
     p.add_argument("--warmup", type=int, default=20_000, help="policy: untimed warm-up calls")
+    p.add_argument("--cold", type=int, default=20_000, help="policy: timed calls on never-seen destinations")
     p.add_argument("--duration", type=float, default=8.0, help="gateway/splice: measured seconds per load run")
     p.add_argument("--warmup-s", type=float, default=1.5, help="gateway/splice: unmeasured seconds before each run")
     p.add_argument("--rounds", type=int, default=2, help="gateway/splice: rounds, alternating the order of the peers")
@@ -53,23 +54,28 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     names = NAMES if args.name == "all" else (args.name,)
     combined: dict[str, Any] = {}
-    try:
-        for name in names:
-            print(f"=== bench {name} ===", flush=True)
+    status = 0
+    for name in names:
+        print(f"=== bench {name} ===", flush=True)
+        try:
             with bench_workdir(name, keep=args.keep) as workdir:
                 figures = _runner(name)(args, workdir)
-            save_results(name, figures)
-            combined[name] = figures
-            if len(names) > 1:
-                emit_json(figures)
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
+        except BenchError as e:
+            # Still one JSON object, saying why there are no figures.
+            print(f"bench {name}: FAILED: {e}", flush=True)
+            figures = {"bench": name, "error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+            status = 1
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            return 130
+        if any(k == "error" or k.endswith("_error") for k in figures):
+            status = 1  # something could not be measured (a missed target alone is not a failure)
+        save_results(name, figures)
+        combined[name] = figures
+        if len(names) > 1:
+            emit_json(figures)
     emit_json(combined if len(names) > 1 else combined[names[0]])
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -58,9 +58,11 @@ def rnd(value: float, digits: int = 3) -> float | None:
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str | None = None) -> None:
     def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else (f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}")
-        return str(v)
+        if not isinstance(v, float):
+            return str(v)
+        if math.isnan(v):
+            return "-"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
     text = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(headers)]
@@ -95,9 +97,9 @@ def save_results(name: str, figures: Mapping[str, Any]) -> Path | None:
 
 @dataclass(frozen=True)
 class BenchPKI:
-    upstream_ca: Path  # signs the upstream's certificate; trusted by the gateway/mitmproxy, and by the client in spliced runs
+    upstream_ca: Path  # signs nginx's certificate; the proxies trust it, and so does the client when spliced
     upstream_cert: Path  # key + chain for nginx
-    intercept_ca_cert: Path  # the gateway's (and bare mitmproxy's) interception CA: the client trusts it when intercepted
+    intercept_ca_cert: Path  # the gateway's (and bare mitmproxy's) interception CA: trusted by intercepted clients
     intercept_ca_key: Path  # key + cert (mitmproxy's mitmproxy-ca.pem layout)
     intercept_confdir: Path  # a mitmproxy confdir holding that CA
     upstream_bundle: Path  # certifi + upstream CA: what the gateway builds for ssl_verify_upstream_trusted_ca

@@ -18,6 +18,7 @@ class Peer:
     expect_issuer: str  # organisation of the CA that must have signed the certificate the client saw
     results: list[LoadResult] = field(default_factory=list)
     cpu_s: float = 0.0
+    error: str | None = None  # the run that failed (the peer is skipped in later rounds)
 
     @property
     def requests(self) -> int:
@@ -65,32 +66,53 @@ def preflight(peer: Peer) -> None:
 
 
 def run_rounds(peers: list[Peer], rounds: int) -> None:
-    """Every peer once per round; odd rounds in reverse order, so slow drift (thermal, caches) hits all alike."""
+    """Every peer once per round; odd rounds in reverse order, so slow drift (thermal, caches) hits all alike.
+
+    A peer whose run fails (stalls, refuses, dies) is reported as failed and skipped from then on; the others
+    still run, so one broken peer does not hide the figures of the rest.
+    """
     for r in range(rounds):
         order = peers if r % 2 == 0 else list(reversed(peers))
         for peer in order:
-            if peer.service is not None:
-                peer.service.check_alive()
-            before = cpu_seconds(peer.service.proc.pid) if peer.service is not None else 0.0
-            result = run_load(peer.spec)
-            if peer.service is not None:
-                peer.cpu_s += cpu_seconds(peer.service.proc.pid) - before
-            peer.results.append(result)
-            bad = [i for i in result.issuers if i != peer.expect_issuer]
-            if bad:
-                raise BenchError(f"{peer.name}: certificates issued by {bad}, expected {peer.expect_issuer!r}")
-            print(
-                f"  round {r + 1} {peer.name:<12} {result.rps:>9,.0f} req/s  p50 {result.pct(50):7.2f} ms  "
-                f"p99 {result.pct(99):7.2f} ms  errors {result.errors}  reconnects {result.reconnects}",
-                flush=True,
-            )
-            if result.requests == 0:
-                raise BenchError(f"{peer.name}: no successful request ({result.error_samples})")
+            if peer.error is not None:
+                continue
+            try:
+                _run_once(peer, r)
+            except BenchError as e:
+                peer.error = str(e).strip().splitlines()[0]
+                print(f"  round {r + 1} {peer.name:<12} FAILED: {peer.error}", flush=True)
+                if peer.service is not None:
+                    tail = peer.service.tail(8)
+                    if tail:
+                        print("    " + tail.replace("\n", "\n    "), flush=True)
+
+
+def _run_once(peer: Peer, r: int) -> None:
+    if peer.service is not None:
+        peer.service.check_alive()
+    before = cpu_seconds(peer.service.proc.pid) if peer.service is not None else 0.0
+    result = run_load(peer.spec)
+    if peer.service is not None:
+        peer.cpu_s += cpu_seconds(peer.service.proc.pid) - before
+    bad = [i for i in result.issuers if i != peer.expect_issuer]
+    if bad:
+        raise BenchError(f"{peer.name}: certificates issued by {bad}, expected {peer.expect_issuer!r}")
+    if result.requests == 0:
+        raise BenchError(f"{peer.name}: no successful request ({result.error_samples})")
+    peer.results.append(result)
+    print(
+        f"  round {r + 1} {peer.name:<12} {result.rps:>9,.0f} req/s  p50 {result.pct(50):7.2f} ms  "
+        f"p99 {result.pct(99):7.2f} ms  errors {result.errors}  reconnects {result.reconnects}",
+        flush=True,
+    )
 
 
 def summary(peers: list[Peer], title: str) -> None:
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     for p in peers:
+        if p.error is not None:
+            rows.append((p.name, "FAILED", "", "", "", "", "", "", "", p.error[:60]))
+            continue
         lat = p.latencies()
         rows.append(
             (
@@ -107,13 +129,26 @@ def summary(peers: list[Peer], title: str) -> None:
             )
         )
     print_table(
-        ["peer", "req/s", "p50 ms", "p90 ms", "p99 ms", "requests", "errors", "reconn", "proxy CPU us/req", "cert issuer"],
+        [
+            "peer",
+            "req/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "requests",
+            "errors",
+            "reconn",
+            "proxy CPU us/req",
+            "cert issuer",
+        ],
         rows,
         title=title,
     )
 
 
 def figures(peer: Peer) -> dict[str, Any]:
+    if peer.error is not None:
+        return {f"{peer.name}_error": peer.error}
     lat = peer.latencies()
     return {
         f"{peer.name}_rps": rnd(peer.rps, 1),

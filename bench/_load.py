@@ -136,6 +136,8 @@ def _parse(buf: bytes) -> tuple[int, int, bool] | None:
 def _worker(spec: LoadSpec, n_conns: int, ready: Any, start_at: Any, out: Any) -> None:
     try:
         out.put(_work(spec, n_conns, ready, start_at))
+    except BenchError as e:
+        out.put({"fatal": str(e)})
     except BaseException as e:
         out.put({"fatal": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}"})
 
@@ -173,7 +175,10 @@ def _work(spec: LoadSpec, n_conns: int, ready: Any, start_at: Any) -> dict[str, 
         now = pc()
         if not events:
             if now - last_progress > _STALL_S:
-                raise BenchError(f"no response for {_STALL_S:.0f}s ({active} requests outstanding)")
+                raise BenchError(
+                    f"stalled: no response for {_STALL_S:.0f}s with {active} requests outstanding, after {total} "
+                    f"responses on {len(conns)} connections"
+                )
             continue
         last_progress = now
         for key, _ in events:
@@ -282,7 +287,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
         for _ in workers:
             r = out.get(timeout=limit)
             if "fatal" in r:
-                raise BenchError(f"load worker failed: {r['fatal']}")
+                raise BenchError(r["fatal"])
             results.append(r)
     finally:
         for w in workers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import sys
@@ -45,7 +46,8 @@ class Running:
 
 
 def _need(binary: str) -> str:
-    path = shutil.which(binary) or next((p for p in (f"/usr/sbin/{binary}", f"/sbin/{binary}") if os.path.exists(p)), None)
+    candidates = (f"/usr/sbin/{binary}", f"/sbin/{binary}")
+    path = shutil.which(binary) or next((p for p in candidates if os.path.exists(p)), None)
     if path is None:
         raise BenchError(f"{binary} is not installed (bash scripts/setup.sh installs it)")
     return path
@@ -156,7 +158,8 @@ def gateway_audit(workdir: Path) -> Path:
 # -- bare mitmproxy: the baseline ------------------------------------------------------------------------------
 
 
-def start_mitmproxy(services: Services, workdir: Path, pki: BenchPKI) -> Running:
+def start_mitmproxy(services: Services, workdir: Path, pki: BenchPKI, passthrough: tuple[str, ...] = ()) -> Running:
+    """Bare mitmproxy; names in `passthrough` are not intercepted (mitmproxy's `ignore_hosts`)."""
     port = free_port()
     confdir = workdir / "mitm-baseline"
     shutil.copytree(pki.intercept_confdir, confdir)
@@ -175,6 +178,8 @@ def start_mitmproxy(services: Services, workdir: Path, pki: BenchPKI) -> Running
         "--map",
         f"{SPLICE_HOST}={LOOPBACK}",
     ]
+    for name in passthrough:
+        argv += ["--ignore-host", "^" + re.escape(name) + ":"]
     svc = services.start("mitmproxy", argv, cwd=REPO, stop_signal=signal.SIGINT)
     wait_listening(svc, port)
     return Running(svc, port)
