@@ -88,7 +88,12 @@ class _Conn:
     tcp_allowed: Decision | None = None  # a 'tcp' rule allowed this CONNECT: relay bytes, never inspect
     splice: Decision | None = None  # connection-phase allow that needs no interception
     refused: Decision | None = None  # every request on this connection gets this answer
-    pinned: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    pinned: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)  # (name, port) -> (ip, port)
+    pinned_names: dict[tuple[str, int], str] = field(default_factory=dict)  # (ip, port) -> the name it was checked for
+
+    def pin(self, name: str, port: int, target: tuple[str, int]) -> None:
+        self.pinned[(name, port)] = target
+        self.pinned_names.setdefault(target, name)
 
 
 @dataclass
@@ -248,7 +253,7 @@ class EgressAddon:
         if check.decision is not None:
             raise _Refusal(check.decision)
         target = (str(check.allowed[0]), facts.port)
-        conn.pinned[(facts.host, facts.port)] = target
+        conn.pin(facts.host, facts.port, target)
         return target
 
     async def _check_original_destination(self, conn: _Conn, identity: Identity, facts: RequestFacts, dst: str) -> None:
@@ -276,7 +281,7 @@ class EgressAddon:
         )
         if check.decision is not None:
             raise _Refusal(check.decision)
-        conn.pinned[(str(dst_ip), facts.port)] = (str(dst_ip), facts.port)
+        conn.pin(facts.host, facts.port, (str(dst_ip), facts.port))
 
     # -- connection hooks ---------------------------------------------------------------------------------------
 
@@ -406,10 +411,18 @@ class EgressAddon:
         except HostError:
             data.server.error = "refused by cube-egress: bad destination"
             return
-        target = conn.pinned.get(key)
-        if target is None:
+        if key in conn.pinned:
+            # A spliced CONNECT: mitmproxy dials the authority's name; swap in the address we checked.
+            target, name = conn.pinned[key], key[0]
+        elif key in conn.pinned_names:
+            # An intercepted request: requestheaders already pointed it at the pinned address (so keep-alive finds
+            # the connection again); the name it was checked for stays the SNI and the certificate name.
+            target, name = key, conn.pinned_names[key]
+        else:
             data.server.error = "refused by cube-egress: destination not authorised"
             return
+        if data.server.sni == str(address[0]) and parse_ip_literal(name) is None:
+            data.server.sni = name
         data.server.address = target
 
     @_fail_closed
@@ -446,8 +459,12 @@ class EgressAddon:
                 if dst is None:
                     raise _Refusal(self.policy.deny(Reason.UNKNOWN_SANDBOX, identity))
                 await self._check_original_destination(conn, identity, facts, str(dst[0]))
-            elif (facts.host, facts.port) not in conn.pinned:
-                await self._authorize_destination(conn, identity, facts)
+            else:
+                if (facts.host, facts.port) not in conn.pinned:
+                    await self._authorize_destination(conn, identity, facts)
+                # mitmproxy keys upstream connections by (request.host, port): pointing the request at the pinned
+                # address (the Host header stays as sent) makes the next request reuse the same connection.
+                flow.request.data.host, flow.request.data.port = conn.pinned[(facts.host, facts.port)]
             flow.metadata["cube_egress"] = _FlowInfo(decision, facts)
         except _Refusal as r:
             # Refused before the facts were complete: record what the request claimed, as it claimed it.

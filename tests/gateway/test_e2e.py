@@ -6,6 +6,9 @@ fact asserted about the far side comes from the upstream's own echo of what arri
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
 from tests.gateway.harness import CLIENTS, RunningGateway, request
@@ -94,3 +97,30 @@ def test_wildcard_subdomain_allowed_apex_refused(world: World, gateway: RunningG
     assert ok.status == 200, ok
     apex = request(world, client, "GET", "https://wild.example.test/", gateway=gateway)
     assert apex.status in (403, None)
+
+
+_KEEPALIVE = r"""
+import json, sys
+import requests
+proxy, ca, url, n = json.loads(sys.argv[1])
+s = requests.Session(); s.trust_env = False
+proxies = {"http": proxy, "https": proxy} if proxy else {"http": None, "https": None}
+out = []
+for i in range(n):
+    r = s.get(url, proxies=proxies, verify=ca, timeout=10)
+    out.append([r.status_code, r.json()["client"][1] if r.status_code == 200 else None])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_keep_alive_reuses_one_upstream_connection(world: World, gateway: RunningGateway, scheme: str) -> None:
+    # mitmproxy allows five upstream connections per address per client: a gateway that opened a new one for every
+    # request would hang on the sixth. And the upstream sees one connection, so nothing is re-dialled per request.
+    args = json.dumps([gateway.proxy_url, str(gateway.trust_bundle), f"{scheme}://api.example.test/allowed/k", 12])
+    proc = world.run("sandbox", [sys.executable, "-c", _KEEPALIVE, args], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert [status for status, _ in results] == [200] * 12
+    assert len({port for _, port in results}) == 1
+    assert len(gateway.records(event="decision", host="api.example.test")) == 12
