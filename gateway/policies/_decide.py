@@ -14,6 +14,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -134,14 +135,17 @@ class _RuleIndex:
 
     exact: dict[str, list[Rule]] = field(default_factory=dict)
     wildcard: dict[str, list[Rule]] = field(default_factory=dict)
-    by_cidr: list[Rule] = field(default_factory=list)
+    # CIDR rules by (IP version, prefix length) then network number: an address is looked up once per distinct
+    # prefix length in use, however many CIDR rules there are.
+    by_prefix: dict[tuple[int, int], dict[int, list[Rule]]] = field(default_factory=dict)
 
     def add(self, rule: Rule) -> None:
         for pattern in rule.hosts:
             target = self.wildcard if pattern.wildcard else self.exact
             target.setdefault(pattern.host, []).append(rule)
-        if rule.cidrs:
-            self.by_cidr.append(rule)
+        for net in rule.cidrs:
+            nets = self.by_prefix.setdefault((net.version, net.prefixlen), {})
+            nets.setdefault(int(net.network_address), []).append(rule)
 
     def for_host(self, host: str) -> list[Rule]:
         found = list(self.exact.get(host, ()))
@@ -155,7 +159,16 @@ class _RuleIndex:
         return found
 
     def for_address(self, address: IPAddress) -> list[Rule]:
-        return [r for r in self.by_cidr if any(address in n for n in r.cidrs if n.version == address.version)]
+        bits = 32 if address.version == 4 else 128
+        value = int(address)
+        found: list[Rule] = []
+        for (version, plen), nets in self.by_prefix.items():
+            if version == address.version:
+                key = value & (((1 << plen) - 1) << (bits - plen)) if plen else 0
+                for rule in nets.get(key, ()):
+                    if rule not in found:
+                        found.append(rule)
+        return found
 
 
 _PLAN_CACHE_SIZE = 65_536
@@ -285,7 +298,10 @@ class CompiledPolicy:
 
     def _remember(self, key: tuple[str, str, Scheme, int], plan: _Plan) -> _Plan:
         if len(self._plans) >= _PLAN_CACHE_SIZE:
-            self._plans.clear()
+            # Drop the oldest eighth (dicts keep insertion order): a flood of new names ages out old entries
+            # gradually instead of flushing everyone's hot destinations at once.
+            for old in list(itertools.islice(self._plans, _PLAN_CACHE_SIZE // 8)):
+                del self._plans[old]
         self._plans[key] = plan
         return plan
 

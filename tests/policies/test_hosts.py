@@ -170,3 +170,18 @@ def test_precedence_enforced_deny_then_report_then_allow(rules, method: str, pat
         assert decision.verdict is Verdict.ALLOW
     else:
         assert decision.reason is Reason.NO_MATCHING_RULE and decision.blocks
+
+
+@given(st.one_of(hostname, st.from_regex(r"[a-z0-9_.-]{1,30}", fullmatch=True)))
+def test_fast_path_agrees_with_full_normalisation(host: str) -> None:
+    from gateway.policies._hosts import _normalize_host
+
+    try:
+        slow: str | None = _normalize_host(host)
+    except HostError:
+        slow = None
+    try:
+        fast: str | None = normalize_host(host)
+    except HostError:
+        fast = None
+    assert fast == slow
