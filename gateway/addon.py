@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
+import hmac
 import inspect
 import logging
 import time
@@ -25,10 +27,14 @@ from typing import Any
 
 import orjson
 from mitmproxy import connection, http, tcp, tls
+from mitmproxy.http import Headers
 from mitmproxy.proxy import server_hooks
 
 from .audit import AuditLog, redact_path
 from .audit import fields as F
+from .credentials import CredentialBroker
+from .injectors._apply import InjectionError, OutgoingRequest, apply, find_placeholders
+from .injectors._echo import EchoRedactor, needles_for
 from .policies import (
     CompiledPolicy,
     Decision,
@@ -43,6 +49,7 @@ from .policies import (
     parse_ip_literal,
 )
 from .resolver import Resolver
+from .secrets import SecretError
 
 __all__ = ["EgressAddon", "GatewayState"]
 
@@ -50,6 +57,9 @@ log = logging.getLogger("cube_egress.gateway")
 
 # Denials that are attacks or misconfigurations worth a separate security event, by the reason that caused them.
 _SECURITY_KIND: dict[Reason, str] = {
+    Reason.CREDENTIAL_ENDPOINT_MISMATCH: "credential_endpoint_mismatch",
+    Reason.SECRET_UNAVAILABLE: "secret_unavailable",
+    Reason.CREDENTIAL_INVALID: "credential_invalid",
     Reason.HOST_MISMATCH: "host_mismatch",
     Reason.BAD_HOST: "host_mismatch",
     Reason.ADDRESS_REFUSED: "address_refused",
@@ -63,6 +73,12 @@ _SECURITY_KIND: dict[Reason, str] = {
     Reason.GATEWAY_ERROR: "hook_error",
 }
 _DEFAULT_PORT = {"http": 80, "https": 443}
+# The one place a refusal's reason becomes an HTTP status; everything not listed is a 403.
+_STATUS: dict[Reason, int] = {
+    Reason.BAD_PROXY_TOKEN: 407,
+    Reason.SECRET_UNAVAILABLE: 503,
+    Reason.CREDENTIAL_INVALID: 502,
+}
 
 
 @dataclass
@@ -75,6 +91,7 @@ class GatewayState:
     transparent: bool
     gateway_addresses: frozenset[IPAddress] = frozenset()
     gateway_ports: frozenset[int] = frozenset()
+    broker: CredentialBroker | None = None
 
 
 @dataclass
@@ -100,7 +117,11 @@ class _Conn:
 class _FlowInfo:
     decision: Decision
     facts: RequestFacts
-    upstream: str | None = None
+    # Every intercepted response streams through this: it counts bytes and, when a credential was injected,
+    # overwrites echoes of it (an upstream that reflects the request must not hand the secret to the sandbox).
+    stream: EchoRedactor = field(default_factory=lambda: EchoRedactor([]))
+    fingerprint: str | None = None
+    header_redactions: int = 0
 
 
 class _Refusal(Exception):
@@ -224,10 +245,10 @@ class EgressAddon:
                 },
             )
 
-    def _respond(self, flow: http.HTTPFlow, decision: Decision, status: int = 403) -> None:
+    def _respond(self, flow: http.HTTPFlow, decision: Decision) -> None:
         headers = {"Content-Type": "application/json", "Connection": "close"}
+        status = _STATUS.get(decision.reason, 403)
         if decision.reason is Reason.BAD_PROXY_TOKEN:
-            status = 407
             headers["Proxy-Authenticate"] = 'Basic realm="cube-egress"'
         flow.response = http.Response.make(status, _deny_body(decision), headers)
 
@@ -539,6 +560,72 @@ class EgressAddon:
         return RequestFacts(Scheme(scheme), host, port, req.method, path, headers), identity
 
     @_fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        """With the whole request read: refuse placeholders that are not bound here, then inject the credential."""
+        info = flow.metadata.get("cube_egress")
+        if flow.response is not None or not isinstance(info, _FlowInfo):
+            return
+        conn = self._conn(flow.client_conn)
+        decision = info.decision
+        cred = decision.credential
+        outgoing = _outgoing(flow)
+        foreign = find_placeholders(self.policy.placeholders, outgoing) - ({cred.name} if cred else set())
+        try:
+            if foreign:
+                raise _Refusal(
+                    self.policy.deny(
+                        Reason.CREDENTIAL_ENDPOINT_MISMATCH,
+                        Identity(decision.sandbox_id or "", conn.source),
+                        detail=f"placeholder of {', '.join(sorted(foreign))} sent to {info.facts.host}",
+                    )
+                )
+            if cred is None:
+                return
+            broker = self.state.broker
+            sandbox = decision.sandbox_id or ""
+            if broker is None:
+                raise _Refusal(self.policy.deny(Reason.SECRET_UNAVAILABLE, Identity(sandbox, conn.source)))
+            try:
+                material = await broker.material(cred, sandbox)
+                inserted = apply(cred.injector, material, outgoing)
+            except SecretError as e:
+                raise _Refusal(
+                    self.policy.deny(Reason.SECRET_UNAVAILABLE, Identity(sandbox, conn.source), detail=str(e))
+                ) from None
+            except InjectionError as e:
+                reason = Reason.CREDENTIAL_INVALID if e.reason == "credential_invalid" else Reason.BAD_HOST
+                raise _Refusal(self.policy.deny(reason, Identity(sandbox, conn.source), detail=str(e))) from None
+        except _Refusal as r:
+            flow.metadata.pop("cube_egress", None)
+            self._audit_decision(conn, r.decision, info.facts)
+            self._respond(flow, r.decision)
+            return
+        _write_back(flow, outgoing)
+        if inserted:
+            info.stream = EchoRedactor(needles_for(inserted))
+            info.fingerprint = _fingerprint(broker.hmac_key, inserted[0])
+
+    @_fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Before any response byte reaches the sandbox: redact echoed credentials from the headers and route the
+        body through the streaming redactor (which also counts it)."""
+        info = flow.metadata.get("cube_egress")
+        if not isinstance(info, _FlowInfo) or flow.response is None:
+            return
+        self._prepare_response(flow.response, info)
+
+    def _prepare_response(self, response: http.Response, info: _FlowInfo) -> None:
+        if info.stream.needles:
+            for name in set(response.headers.keys()):
+                values = response.headers.get_all(name)
+                redacted = [info.stream.redact_header_value(v) for v in values]
+                if redacted != values:
+                    info.header_redactions += sum(a != b for a, b in zip(values, redacted, strict=True))
+                    response.headers.set_all(name, redacted)
+        # Stream every intercepted response: server-sent events stay live and memory stays flat.
+        response.stream = info.stream
+
+    @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         self._audit_flow(flow)
 
@@ -557,6 +644,24 @@ class EgressAddon:
         started = flow.request.timestamp_start
         ended = (resp.timestamp_end if resp is not None else None) or time.time()
         peer = flow.server_conn.peername
+        if resp is None:
+            bytes_out = 0
+        elif resp.stream:
+            bytes_out = info.stream.bytes_out
+        else:
+            bytes_out = len(resp.raw_content or b"")
+        echoes = info.stream.hits + info.header_redactions
+        if echoes:
+            self.state.audit.security(
+                "secret_echo",
+                **{
+                    F.SANDBOX: info.decision.sandbox_id,
+                    F.SOURCE: conn.source,
+                    F.HOST: info.facts.host,
+                    F.CREDENTIAL: info.decision.credential.name if info.decision.credential else None,
+                    F.DETAIL: f"{echoes} echo(es) of the injected credential redacted from the response",
+                },
+            )
         self._audit_decision(
             conn,
             info.decision,
@@ -566,7 +671,10 @@ class EgressAddon:
                 F.UPSTREAM_ADDRESS: f"{peer[0]}:{peer[1]}" if peer else None,
                 F.UPSTREAM_STATUS: resp.status_code if resp is not None else None,
                 F.BYTES_IN: len(flow.request.raw_content or b""),
-                F.BYTES_OUT: len(resp.raw_content or b"") if resp is not None else 0,
+                F.BYTES_OUT: bytes_out,
+                F.CREDENTIAL: info.decision.credential.name if info.fingerprint and info.decision.credential else None,
+                F.CREDENTIAL_FINGERPRINT: info.fingerprint,
+                F.ECHO_REDACTIONS: echoes,
                 F.DURATION_MS: round((ended - started) * 1000, 3),
                 F.ERROR: flow.error.msg if flow.error else None,
             },
@@ -588,8 +696,12 @@ class EgressAddon:
             **{F.SOURCE: conn.source if conn else None, F.POLICY_HASH: decision.policy_hash, F.DETAIL: decision.detail},
         )
         if isinstance(arg, http.HTTPFlow):
-            self._respond(arg, decision)
             arg.metadata.pop("cube_egress", None)
+            if hook in ("responseheaders", "response"):
+                # The upstream has answered: cut the connection rather than let any of it through.
+                arg.kill()
+            else:
+                self._respond(arg, decision)
         elif isinstance(arg, tls.ClientHelloData):
             arg.ignore_connection = False
         elif isinstance(arg, server_hooks.ServerConnectionHookData):
@@ -625,3 +737,27 @@ def _token_from_header(value: str) -> str | None:
         _, _, token = decoded.partition(":")
         return token or None
     return None
+
+
+def _outgoing(flow: http.HTTPFlow) -> OutgoingRequest:
+    req = flow.request
+    return OutgoingRequest(
+        scheme=req.scheme,
+        host=req.host_header or req.pretty_host,
+        method=req.method,
+        path=req.path,
+        headers=[(k, v) for k, v in req.headers.items(multi=True)],
+        body=req.get_content(strict=False) or b"",
+    )
+
+
+def _write_back(flow: http.HTTPFlow, outgoing: OutgoingRequest) -> None:
+    req = flow.request
+    req.path = outgoing.path
+    req.headers = Headers([(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in outgoing.headers])
+    if outgoing.body != (req.get_content(strict=False) or b""):
+        req.content = outgoing.body
+
+
+def _fingerprint(key: bytes, value: str) -> str:
+    return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .policies._yaml import YamlLoadError, load_yaml
+from .secrets import VaultConfig
 
 __all__ = ["ConfigError", "GatewayConfig", "load_config", "default_config"]
 
@@ -61,8 +63,21 @@ class AuditConfig(_C):
 
 
 class SecretsConfig(_C):
-    backend: Literal["file"] = "file"
-    path: str
+    """Where credentials come from. `file` is for development only; production uses `vault` (Vault or OpenBao)."""
+
+    backend: Literal["file", "vault"] = "file"
+    path: str | None = None  # file backend
+    vault: VaultConfig | None = None
+    cache_ttl_s: float = Field(default=300.0, gt=0)
+    refresh_ahead: float = Field(default=0.25, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> SecretsConfig:
+        if self.backend == "file" and not self.path:
+            raise ValueError("the file secret backend needs 'path'")
+        if self.backend == "vault" and self.vault is None:
+            raise ValueError("the vault secret backend needs a 'vault:' section")
+        return self
 
 
 class GatewayConfig(_C):
@@ -114,11 +129,23 @@ def _rebase(cfg: GatewayConfig, base: str) -> GatewayConfig:
             "ca": None if cfg.ca is None else CAConfig(cert=rel(cfg.ca.cert) or "", key=rel(cfg.ca.key) or ""),
             "upstream_ca": rel(cfg.upstream_ca),
             "audit": AuditConfig(path=rel(cfg.audit.path)),
-            "secrets": None
-            if cfg.secrets is None
-            else SecretsConfig(backend=cfg.secrets.backend, path=rel(cfg.secrets.path) or ""),
+            "secrets": None if cfg.secrets is None else _rebase_secrets(cfg.secrets, rel),
         }
     )
+
+
+def _rebase_secrets(secrets: SecretsConfig, rel: Callable[[str | None], str | None]) -> SecretsConfig:
+    vault = secrets.vault
+    if vault is not None:
+        auth = vault.auth.model_copy(
+            update={
+                "path": rel(vault.auth.path),
+                "role_id_file": rel(vault.auth.role_id_file),
+                "secret_id_file": rel(vault.auth.secret_id_file),
+            }
+        )
+        vault = vault.model_copy(update={"ca_file": rel(vault.ca_file), "auth": auth})
+    return secrets.model_copy(update={"path": rel(secrets.path), "vault": vault})
 
 
 def default_config() -> GatewayConfig:

@@ -24,6 +24,7 @@ from mitmproxy.master import Master
 from .addon import EgressAddon, GatewayState
 from .audit import AuditLog
 from .config import GatewayConfig
+from .credentials import CredentialBroker
 from .policies import CompiledPolicy, PolicyError, load_policy
 from .resolver import Resolver
 
@@ -97,6 +98,7 @@ class Gateway:
         self.ca_cert_path = str(self.confdir / f"{CA_BASENAME}-ca-cert.pem")
         self.audit = AuditLog(config.audit_path)
         own = config.own_addresses()
+        self.broker = CredentialBroker(config.secrets, config.state_dir, _upstream_bundle(config))
         self.state = GatewayState(
             policy=policy or load_policy(config.policy_files()),
             resolver=Resolver(config.resolver),
@@ -104,6 +106,7 @@ class Gateway:
             transparent=config.mode == "transparent",
             gateway_addresses=own,
             gateway_ports=frozenset({config.listen.port}),
+            broker=self.broker,
         )
         self.addon = EgressAddon(self.state)
         self.master: Master | None = None
@@ -146,6 +149,9 @@ class Gateway:
             ssl_verify_upstream_trusted_ca=_upstream_bundle(self.config),
         )
         self.master = master
+        self.broker.start()
+        for problem in await self.broker.check_policy(self.state.policy):
+            log.warning("%s (requests that need it will get 503 until it is available)", problem)
         loop = asyncio.get_running_loop()
         # Not possible outside the main thread (tests embed the gateway in a thread).
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -160,6 +166,7 @@ class Gateway:
             ps = master.addons.get("proxyserver")
             if ps is not None:
                 await ps.servers.update([])
+            await self.broker.close()
 
     async def _wait_listening(self, run: asyncio.Future[None]) -> None:
         """Return once the proxy listens; raise GatewayStartError if it cannot (mitmproxy itself would only log
@@ -190,6 +197,13 @@ class Gateway:
         for server in ps.servers:
             out.extend(server.listen_addrs)
         return out
+
+    async def unregister_sandbox(self, sandbox_id: str) -> int:
+        """Revoke the sandbox's dynamic-secret leases (returns how many); it gets no new ones until registered."""
+        return await self.broker.store.unregister(sandbox_id)
+
+    def register_sandbox(self, sandbox_id: str) -> None:
+        self.broker.store.register(sandbox_id)
 
     def shutdown(self) -> None:
         if self.master is not None:

@@ -22,6 +22,8 @@ MODE = "mode"
 REASON = "reason"
 INTERCEPTED = "intercepted"
 CREDENTIAL = "credential"  # the credential's name, never its value
+CREDENTIAL_FINGERPRINT = "credential_fingerprint"  # HMAC-SHA256 (gateway key) of the injected value, 32 hex
+ECHO_REDACTIONS = "echo_redactions"  # injected-value echoes overwritten in the response
 UPSTREAM_ADDRESS = "upstream_address"
 UPSTREAM_STATUS = "upstream_status"
 BYTES_IN = "bytes_in"  # request body bytes from the sandbox
@@ -48,5 +50,9 @@ SECURITY_KINDS = frozenset(
         "unknown_sandbox",
         "protocol_not_allowed",
         "hook_error",
+        "credential_endpoint_mismatch",
+        "secret_unavailable",
+        "secret_echo",
+        "credential_invalid",
     }
 )

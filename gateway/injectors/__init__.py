@@ -53,10 +53,10 @@ class HeaderParams(_Params):
 
 
 class BasicParams(_Params):
-    """HTTP Basic: `username` here, the password from the secret store."""
+    """HTTP Basic: the password from the secret store; the username here, or the secret's `username` field."""
 
     kind: Literal["basic"]
-    username: str = Field(min_length=1)
+    username: str | None = Field(default=None, min_length=1)
 
 
 class QueryParams(_Params):

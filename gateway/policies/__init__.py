@@ -15,7 +15,7 @@ from ._decide import AddressCheck, CompiledPolicy, Decision, Identity, Reason, R
 from ._facts import facts_from_url
 from ._hosts import HostError, HostPattern, normalize_host, parse_ip_literal
 from ._load import HTTP_METHODS, PolicyError, PolicyIssue, load_policy
-from ._model import CredentialRef, Mode, Rule, Sandbox, Scheme, Verdict
+from ._model import CredentialRef, Mode, Rule, Sandbox, Scheme, SecretRef, Verdict
 
 __all__ = [
     "HTTP_METHODS",
@@ -36,6 +36,7 @@ __all__ = [
     "Rule",
     "Sandbox",
     "Scheme",
+    "SecretRef",
     "Verdict",
     "classify_address",
     "facts_from_url",

@@ -68,6 +68,9 @@ class Reason(enum.StrEnum):
     DESTINATION_NOT_IN_ANSWERS = "destination_not_in_answers"
     PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"
     GATEWAY_ERROR = "gateway_error"
+    CREDENTIAL_ENDPOINT_MISMATCH = "credential_endpoint_mismatch"
+    SECRET_UNAVAILABLE = "secret_unavailable"  # noqa: S105 (a reason code)
+    CREDENTIAL_INVALID = "credential_invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +196,15 @@ class CompiledPolicy:
         rules_by_policy: Mapping[str, Iterable[Rule]],
         policy_hash: str,
         files: tuple[str, ...] = (),
+        credentials: Iterable[CredentialRef] = (),
     ) -> None:
         self.policy_hash = policy_hash
         self.files = files
+        self.credentials: dict[str, CredentialRef] = {c.name: c for c in credentials}
+        # Placeholder token -> credential name: a placeholder may only appear in requests bound to its credential.
+        self.placeholders: dict[str, str] = {
+            c.injector.placeholder: c.name for c in self.credentials.values() if c.injector.kind == "placeholder"
+        }
         self.sandboxes: dict[str, Sandbox] = {s.id: s for s in sandboxes}
         self.rules_by_policy: dict[str, tuple[Rule, ...]] = {k: tuple(v) for k, v in rules_by_policy.items()}
         self._indexes: dict[tuple[str, ...], _RuleIndex] = {}

@@ -30,6 +30,7 @@ from ._model import (
     Rule,
     Sandbox,
     Scheme,
+    SecretRef,
     Verdict,
 )
 from ._schema import PolicyFileDTO, RuleDTO
@@ -361,7 +362,17 @@ def _compile_rule(
         if dto.cidrs:
             ctx.error(f.doc.at((*where, "credential")), "credentials are bound to host names, not CIDRs", rid)
         if Scheme.HTTP in schemes:
-            ctx.error(pos, "a credential would be sent over plain HTTP", rid, "use 'schemes: [https]'")
+            if dto.allow_credential_over_http:
+                ctx.issues.append(
+                    PolicyIssue(pos, "this rule sends a credential over plain HTTP", rid, severity="warning")
+                )
+            else:
+                ctx.error(
+                    pos,
+                    "a credential would be sent over plain HTTP",
+                    rid,
+                    "use 'schemes: [https]' (or 'allow_credential_over_http: true' if you accept the risk)",
+                )
     if len(ctx.issues) != n_before:
         return None
     return Rule(
@@ -394,6 +405,14 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
             if name in credentials:
                 ctx.error(pos, f"credential {name!r} is defined twice (first at {cred_pos[name]})")
                 continue
+            try:
+                SecretRef.parse(c.secret)
+            except ValueError as e:
+                ctx.error(
+                    f.doc.at(("credentials", name, "secret")),
+                    str(e),
+                    hint="write 'path', 'path#field' or 'dynamic:path'",
+                )
             credentials[name] = CredentialRef(name=name, secret=c.secret, injector=c.injector)
             cred_pos[name] = pos
 
@@ -496,7 +515,9 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
     digest = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.path):
         digest.update(orjson.dumps(f.doc.value, option=orjson.OPT_SORT_KEYS))
-    return CompiledPolicy(sandboxes, rules_by_policy, digest.hexdigest(), tuple(f.path for f in files))
+    return CompiledPolicy(
+        sandboxes, rules_by_policy, digest.hexdigest(), tuple(f.path for f in files), credentials.values()
+    )
 
 
 def load_policy(paths: Iterable[str], *, warnings: list[PolicyIssue] | None = None) -> CompiledPolicy:

@@ -22,6 +22,7 @@ __all__ = [
     "Rule",
     "Sandbox",
     "Scheme",
+    "SecretRef",
     "Verdict",
 ]
 
@@ -114,6 +115,30 @@ class HeaderCondition:
 
     def matches(self, headers: tuple[tuple[str, str], ...]) -> bool:
         return any(n == self.name and self.regex.match(v) is not None for n, v in headers)
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """`path[#field]` for a static secret, `dynamic:path` for a credential leased per sandbox."""
+
+    path: str
+    field: str | None = None
+    dynamic: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> SecretRef:
+        dynamic = text.startswith("dynamic:")
+        body = text.removeprefix("dynamic:")
+        path, _, field = body.partition("#")
+        path = path.strip("/")
+        if not path:
+            raise ValueError(f"secret reference {text!r} has no path")
+        if dynamic and field:
+            raise ValueError("a dynamic secret reference names a path only; injectors pick its fields")
+        return cls(path, field or None, dynamic)
+
+    def __str__(self) -> str:
+        return ("dynamic:" if self.dynamic else "") + self.path + (f"#{self.field}" if self.field else "")
 
 
 @dataclass(frozen=True, slots=True)

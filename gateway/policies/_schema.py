@@ -33,6 +33,7 @@ class RuleDTO(_DTO):
     paths: list[str | dict[str, str]] | None = None
     headers: dict[str, str] | None = None
     credential: str | None = None
+    allow_credential_over_http: bool = False
 
 
 class PolicyDTO(_DTO):

@@ -23,6 +23,7 @@ import requests
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..policies import SecretRef
 from ._errors import SecretNotFound, SecretUnavailable
 from ._value import SecretBundle, SecretValue
 
@@ -37,30 +38,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("cube_egress.secrets")
-
-
-@dataclass(frozen=True, slots=True)
-class SecretRef:
-    """`path[#field]` for a static secret, `dynamic:path` for a credential leased per sandbox."""
-
-    path: str
-    field: str | None = None
-    dynamic: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> SecretRef:
-        dynamic = text.startswith("dynamic:")
-        body = text.removeprefix("dynamic:")
-        path, _, field = body.partition("#")
-        path = path.strip("/")
-        if not path:
-            raise ValueError(f"secret reference {text!r} has no path")
-        if dynamic and field:
-            raise ValueError("a dynamic secret reference names a path only; injectors pick its fields")
-        return cls(path, field or None, dynamic)
-
-    def __str__(self) -> str:
-        return ("dynamic:" if self.dynamic else "") + self.path + (f"#{self.field}" if self.field else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +138,7 @@ class VaultAuth(_C):
     """How the gateway logs in. Secrets for the login itself come from files or the environment, never the config."""
 
     method: Literal["token", "token_file", "approle"] = "token"
-    token_env: str = "VAULT_TOKEN"  # method token: the variable holding it (BAO_TOKEN is read as a fallback)
+    token_env: str = "VAULT_TOKEN"  # noqa: S105 (a variable name) -- method token: the variable holding it (BAO_TOKEN is read as a fallback)
     path: str | None = None  # method token_file
     role_id: str | None = None  # method approle
     role_id_file: str | None = None
@@ -280,7 +257,10 @@ class VaultBackend:
         kv = self._client.secrets.kv
         if self.config.kv_version == 2:
             result = await self._call(
-                kv.v2.read_secret_version, path=ref.path, mount_point=self.config.kv_mount, raise_on_deleted_version=True
+                kv.v2.read_secret_version,
+                path=ref.path,
+                mount_point=self.config.kv_mount,
+                raise_on_deleted_version=True,
             )
             data = result["data"]["data"]
         else:

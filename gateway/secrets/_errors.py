@@ -1,8 +1,8 @@
 """Secret errors.
 
-    SecretError                     base; messages name the secret, never its value
-    ├── SecretNotFound              the backend has no such secret or field (a policy/config mistake)
-    └── SecretUnavailable           the backend cannot be reached or refused us, and no valid cached value exists
+SecretError                     base; messages name the secret, never its value
+├── SecretNotFound              the backend has no such secret or field (a policy/config mistake)
+└── SecretUnavailable           the backend cannot be reached or refused us, and no valid cached value exists
 """
 
 from __future__ import annotations

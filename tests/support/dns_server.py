@@ -15,6 +15,10 @@ Semantics (deliberately simple and predictable):
 Zone format (JSON object or ``name=ip[,ip...]`` arguments): ``{"api.example.test": "198.51.100.10",
 "multi.example.test": ["198.51.100.10", "198.51.100.11"]}``.
 
+With ``--zone-file`` the file is re-read whenever its content changes (checked on every query; it is tiny), so a
+test can add names at runtime by atomically replacing the file (``World.add_dns``): the very next query sees the new
+zone, with no signal, sleep or race. A file that fails to parse keeps the previous zone in force.
+
 Prints ``READY`` on stdout once both sockets are bound.
 """
 
@@ -28,6 +32,7 @@ import socketserver
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import dns.flags
@@ -93,11 +98,50 @@ class QueryLog:
             self._fh.flush()
 
 
+class ZoneSource:
+    """The zone in force: defaults + zone file + command-line records, rebuilt when the file's bytes change.
+
+    Comparing bytes rather than mtimes is deliberate: file timestamps are coarse (a jiffy), so two rewrites in quick
+    succession could share an mtime and the second would be missed.
+    """
+
+    def __init__(self, zone_file: str | None, records: list[str]) -> None:
+        self._zone_file = zone_file
+        self._records = records
+        self._lock = threading.Lock()
+        self._raw: bytes | None = Path(zone_file).read_bytes() if zone_file else None
+        self._zone = Zone(load_zone(zone_file, records, raw=self._raw))
+
+    def current(self) -> Zone:
+        if not self._zone_file:
+            return self._zone
+        try:
+            raw = Path(self._zone_file).read_bytes()
+        except OSError:
+            return self._zone
+        with self._lock:
+            if raw != self._raw:
+                try:
+                    self._zone = Zone(load_zone(self._zone_file, self._records, raw=raw))
+                    self._raw = raw
+                except (ValueError, TypeError, AttributeError):  # a bad file: keep the last good zone
+                    pass
+            return self._zone
+
+
 class Resolver:
-    def __init__(self, zone: Zone, ttl: int, log: QueryLog) -> None:
-        self.zone = zone
+    def __init__(self, zone: Zone | ZoneSource, ttl: int, log: QueryLog) -> None:
+        self._source = zone if isinstance(zone, ZoneSource) else None
+        self._zone = zone if isinstance(zone, Zone) else None
         self.ttl = ttl
         self.log = log
+
+    @property
+    def zone(self) -> Zone:
+        if self._source is not None:
+            return self._source.current()
+        assert self._zone is not None
+        return self._zone
 
     def answer(self, wire: bytes, proto: str, client: tuple[str, int]) -> bytes | None:
         try:
@@ -175,13 +219,16 @@ class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         super().__init__(addr, _TCPHandler)
 
 
-def load_zone(zone_file: str | None, records: list[str]) -> dict[str, list[str]]:
-    """Default zone, overridden by the JSON file, overridden by ``name=ip[,ip]`` arguments."""
+def load_zone(zone_file: str | None, records: list[str], raw: bytes | None = None) -> dict[str, list[str]]:
+    """Default zone, overridden by the JSON file (or its already-read bytes ``raw``), overridden by ``name=ip[,ip]``
+    arguments."""
     zone: dict[str, list[str]] = {k: list(v) for k, v in DEFAULT_ZONE.items()}
     if zone_file:
-        with open(zone_file, encoding="utf-8") as fh:
-            for name, value in json.load(fh).items():
-                zone[name] = [value] if isinstance(value, str) else list(value)
+        if raw is None:
+            with open(zone_file, "rb") as fh:
+                raw = fh.read()
+        for name, value in json.loads(raw).items():
+            zone[name] = [value] if isinstance(value, str) else list(value)
     for rec in records:
         name, _, ips = rec.partition("=")
         zone[name] = [ip for ip in ips.split(",") if ip]
@@ -198,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("records", nargs="*", metavar="NAME=IP[,IP]")
     args = parser.parse_args(argv)
 
-    resolver = Resolver(Zone(load_zone(args.zone_file, args.records)), args.ttl, QueryLog(args.log))
+    resolver = Resolver(ZoneSource(args.zone_file, args.records), args.ttl, QueryLog(args.log))
     servers: list[socketserver.BaseServer] = [
         _UDPServer((args.listen, args.port), resolver),
         _TCPServer((args.listen, args.port), resolver),

@@ -332,7 +332,8 @@ class World:
     * ``sandbox_ip``, ``gateway_ip`` (sandbox side), ``gateway_internet_ip``, ``gateway_resolver`` (the DNS server)
     * ``upstream_ips``: ``{"A": ..., "B": ..., "evil": ..., "lit": ...}``
     * ``upstream_ca``: the trustme CA; ``upstream_ca_pem``: path of its certificate (PEM)
-    * ``dns_zone``: the records the DNS server answers; ``dns_log``: path of its JSON-lines query log
+    * ``dns_zone``: the records the DNS server answers (change them with :meth:`add_dns` / :meth:`remove_dns`);
+      ``dns_zone_file``: the JSON file the server re-reads when it changes; ``dns_log``: its JSON-lines query log
     * ``workdir``: private temp dir (certs, logs), removed at close
     """
 
@@ -369,6 +370,7 @@ class World:
         self.workdir = Path()
         self.upstream_ca_pem = Path()
         self.dns_log = Path()
+        self.dns_zone_file = Path()
         self._state = _State.NEW
         self._created_ns: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
@@ -559,7 +561,7 @@ class World:
             self.upstream_ca.issue_cert(*UPSTREAM_TLS_NAMES, ip).private_key_and_cert_chain_pem.write_to_path(str(pem))
             serve_args += ["--serve", f"{label},{ip},{pem},{pem}"]
 
-        zone_file = self.workdir / "zone.json"
+        zone_file = self.dns_zone_file = self.workdir / "zone.json"
         zone_file.write_text(json.dumps(self.dns_zone))
         self.dns_log = self.workdir / "dns-queries.jsonl"
         self.dns_log.touch()
@@ -741,6 +743,37 @@ class World:
         """Remove the transparent-mode redirect (no error if none is installed)."""
         self._check_running()
         self._nft(self._nft_delete_script())
+
+    # -- DNS zone and observation -----------------------------------------------------------------------------
+
+    def add_dns(self, records: Mapping[str, str | Sequence[str]]) -> None:
+        """Add or override A records at runtime (``name -> ip or [ips]``; ``*.suffix`` for wildcards).
+
+        The zone file is replaced atomically and the DNS server compares its bytes on every query, so the next
+        query answers from the new zone (no restart, no wait). Resolvers that cached an earlier answer (TTL 30 s)
+        are not affected: add names before first resolving them. Tests on a shared world should undo this with
+        :meth:`remove_dns`.
+        """
+        self._check_running()
+        with self._lock:
+            for name, value in records.items():
+                self.dns_zone[name] = [value] if isinstance(value, str) else list(value)
+            self._write_zone()
+
+    def remove_dns(self, *names: str) -> None:
+        """Remove records added with ``extra_dns`` / :meth:`add_dns` (names of the built-in zone revert to it)."""
+        self._check_running()
+        with self._lock:
+            for name in names:
+                self.dns_zone.pop(name, None)
+            for name, ips in DEFAULT_ZONE.items():
+                self.dns_zone.setdefault(name, list(ips))
+            self._write_zone()
+
+    def _write_zone(self) -> None:
+        tmp = self.dns_zone_file.with_name(f".{self.dns_zone_file.name}.tmp")
+        tmp.write_text(json.dumps(self.dns_zone))
+        os.replace(tmp, self.dns_zone_file)  # rename: the server never reads a half-written file
 
     # -- DNS observation ---------------------------------------------------------------------------------------
 
