@@ -83,12 +83,6 @@ def resign(params: AwsSigV4Params, material: SecretBundle, req: OutgoingRequest)
             aws.headers["X-Amz-Content-SHA256"] = hashlib.sha256(req.body).hexdigest()
         signer = SigV4Auth(Credentials(access_key, secret_key, token), params.service, params.region)
     signer.add_auth(aws)
-    signed = {k.lower(): v for k, v in aws.headers.items()}
-    for name in _SIGNING_HEADERS:
-        if name in signed:
-            req.headers.append((_canonical(name), signed[name]))
+    # Take the signing headers exactly as botocore wrote them; every other header was signed as it stands.
+    req.headers.extend((k, v) for k, v in aws.headers.items() if k.lower() in _SIGNING_HEADERS)
     return [secret_key, *([token] if token else [])]
-
-
-def _canonical(name: str) -> str:
-    return {"authorization": "Authorization", "x-amz-date": "X-Amz-Date"}.get(name, name)
