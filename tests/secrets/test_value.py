@@ -18,7 +18,7 @@ def test_secret_value_never_prints_itself(caplog: pytest.LogCaptureFixture) -> N
         str(v),
         f"{v}",
         f"{v!r}",
-        "%s" % v,
+        "%s" % v,  # noqa: UP031 (the old-style formatting a logger uses)
         repr([v]),
         repr({"k": v}),
         repr(SecretBundle("b", {"f": v})),
