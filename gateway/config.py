@@ -155,6 +155,8 @@ def default_config() -> GatewayConfig:
         listen=ListenConfig(host="127.0.0.1", port=3128),
         policies=["policies/*.yaml"],
         state_dir=".cube-egress",
+        # The gateway's resolver does not read /etc/hosts; the development policy names `localhost`.
+        resolver=ResolverConfig(hosts={"localhost": ["127.0.0.1"]}),
         secrets=SecretsConfig(backend="file", path="examples/dev-secrets.yaml"),
     )
 

@@ -142,15 +142,22 @@ def test_readme_run_command_default(world: World, tmp_path: Path) -> None:
         assert ok.stdout == "200", ok
         denied = world.run("gateway", [*proxy, "http://example.com/"])
         assert denied.stdout == "403", denied
+        # The development policy injects a credential from the file backend on this path (http.server: 404).
+        injected = world.run("gateway", [*proxy, "http://localhost:9000/with-credential/x"])
+        assert injected.stdout == "404", injected
         text = log.read_text()
         assert "DEVELOPMENT ONLY" in text
         records = [json.loads(x) for x in (tmp_path / ".cube-egress" / "audit.jsonl").read_text().splitlines()]
-        assert [(r["host"], r["verdict"]) for r in records if r["event"] == "decision"] == [
+        decisions = [r for r in records if r["event"] == "decision"]
+        assert [(r["host"], r["verdict"]) for r in decisions] == [
             ("127.0.0.1", "allow"),
             ("example.com", "deny"),
+            ("localhost", "allow"),
         ]
-        for secret in ("dev-openai-key-not-real", "dev-github-token-not-real"):
-            assert secret not in text
+        assert decisions[2]["credential"] == "local-demo" and len(decisions[2]["credential_fingerprint"]) == 32
+        audit_text = (tmp_path / ".cube-egress" / "audit.jsonl").read_text()
+        for secret in ("dev-openai-key-not-real", "dev-github-token-not-real", "dev-local-demo-token-0123"):
+            assert secret not in text and secret not in audit_text
     finally:
         world.stop(gw)
         world.stop(upstream)

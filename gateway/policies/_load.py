@@ -68,6 +68,9 @@ class PolicyError(ValueError):
 class _Ctx:
     issues: list[PolicyIssue] = field(default_factory=list)
 
+    def error_count(self) -> int:
+        return sum(1 for i in self.issues if i.severity == "error")
+
     def error(self, position: Position, message: str, rule_id: str | None = None, hint: str | None = None) -> None:
         self.issues.append(PolicyIssue(position, message, rule_id, hint))
 
@@ -297,7 +300,7 @@ def _compile_rule(
     dto: RuleDTO, policy: str, where: PathKey, f: _File, credentials: dict[str, CredentialRef], ctx: _Ctx
 ) -> Rule | None:
     rid = dto.id
-    n_before = len(ctx.issues)
+    n_before = ctx.error_count()
     pos = f.doc.at(where)
     schemes = frozenset(Scheme(s) for s in (dto.schemes or ["https"]))
     if not dto.hosts and not dto.cidrs:
@@ -373,7 +376,7 @@ def _compile_rule(
                     rid,
                     "use 'schemes: [https]' (or 'allow_credential_over_http: true' if you accept the risk)",
                 )
-    if len(ctx.issues) != n_before:
+    if ctx.error_count() != n_before:
         return None
     return Rule(
         id=rid,

@@ -114,3 +114,19 @@ def test_example_policies_are_valid() -> None:
     assert files
     policy = load_policy(files)
     assert "local-dev" in policy.sandboxes
+
+
+def test_a_warning_does_not_drop_its_rule(tmp_path: Path) -> None:
+    p = tmp_path / "w.yaml"
+    p.write_text(
+        "version: 1\ncredentials:\n  c: {secret: s, injector: {kind: header, header: X-Key}}\n"
+        "policies:\n  p:\n    rules:\n"
+        "      - {id: r, action: allow, hosts: [h.example.com], schemes: [http], credential: c,"
+        " allow_credential_over_http: true}\n"
+    )
+    from gateway.policies import PolicyIssue
+
+    warnings: list[PolicyIssue] = []
+    policy = load_policy([str(p)], warnings=warnings)
+    assert [w.message for w in warnings] == ["this rule sends a credential over plain HTTP"]
+    assert policy.rule_count == 1
