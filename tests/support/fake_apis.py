@@ -11,7 +11,8 @@ host (default map)         service          behaviour
 api.openai.com             ``openai``       ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models[/ID]``;
                                             ``Authorization: Bearer <openai_key>`` or 401 (OpenAI's error JSON)
 api.anthropic.com          ``anthropic``    ``POST /v1/messages`` (JSON or SSE), ``GET /v1/models``;
-                                            ``x-api-key: <anthropic_key>`` + ``anthropic-version`` or 401/400
+                                            ``x-api-key: <anthropic_key>`` (or ``Authorization: Bearer``, as the
+                                            2.x SDK sends it) + ``anthropic-version``, else 401 / 400
 s3.example.test,           ``s3``           in-memory S3 (path- and virtual-hosted style): Put/Get/Head/Delete
 \\*.s3.example.test                          object, ListObjects(V2), ListBuckets, CreateBucket, multipart upload;
                                             every request's SigV4 signature is recomputed with the *real* secret
@@ -74,6 +75,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from email.message import Message
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -221,6 +223,8 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     server: FakeServer
+    _body: bytes = b""  # the request body as read (transfer framing removed), set first thing per request
+    _service: str = "echo"
 
     # -- plumbing -----------------------------------------------------------------------------------------------
 
@@ -370,8 +374,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- dispatch -----------------------------------------------------------------------------------------------
 
     def _handle(self) -> None:
-        self._body = b""
-        self._service = "echo"
+        self._body, self._service = b"", "echo"
         self._body = self._read_body()
         self._service, label = self.state.route(self._host())
         try:
@@ -497,7 +500,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _svc_anthropic(self, _label: str) -> None:
         expected = self.state.config.get("anthropic_key")
-        key = self.headers.get("x-api-key", "")
+        # Older SDKs (and curl examples) send x-api-key; the 2.x Python SDK sends the same key as a Bearer token.
+        # Both are accepted and both are checked, so a gateway must inject whichever form the client used.
+        auth = self.headers.get("Authorization", "")
+        key = self.headers.get("x-api-key", "") or (auth[7:] if auth.startswith("Bearer ") else "")
         if not key or (expected is not None and key != expected):
             self._anthropic_error(401, "authentication_error", "invalid x-api-key")
             return
@@ -520,7 +526,7 @@ class Handler(BaseHTTPRequestHandler):
             self._anthropic_error(400, "invalid_request_error", "request body is not valid JSON")
             return
         req = req if isinstance(req, dict) else {}
-        model = str(req.get("model") or "claude-sonnet-4-5")
+        model = str(req.get("model") or _CLAUDE[0])
         text = json.dumps(self._echo_doc())
         mid = f"msg_{secrets.token_hex(12)}"
         in_tokens, out_tokens = len(self._body) // 4, len(text) // 4
@@ -677,7 +683,7 @@ class Handler(BaseHTTPRequestHandler):
         if not cfg:
             self._s3_error(403, "AccessDenied", "this fake S3 has no credentials configured")
             return
-        verdict = verify_sigv4(self, cfg)
+        verdict = verify_sigv4(self.command, self._host(), self._raw_target(), self.headers, self._body, cfg)
         if verdict.error:
             self._s3_error(verdict.status, verdict.error, verdict.message, **verdict.details)
             return
@@ -724,11 +730,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         if m in ("GET", "HEAD"):
             with store.lock:
-                obj = store.buckets.get(bucket, {}).get(key)
-            if obj is None:
+                found = store.buckets.get(bucket, {}).get(key)
+            if found is None:
                 self._s3_error(404, "NoSuchKey", "The specified key does not exist.", Key=key)
                 return
-            self._s3_get(obj)
+            self._s3_get(found)
             return
         if m == "DELETE":
             with store.lock:
@@ -830,7 +836,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 _MODELS = ("gpt-4o-mini", "gpt-4o", "o3-mini")
-_CLAUDE = ("claude-sonnet-4-5", "claude-haiku-4-5")
+_CLAUDE = ("claude-fake-1", "claude-fake-2")
 
 
 def _rid() -> str:
@@ -945,7 +951,7 @@ def _signing_key(secret: str, date: str, region: str, service: str) -> bytes:
     return k
 
 
-def verify_sigv4(handler: Handler, cfg: dict[str, Any]) -> Verdict:
+def verify_sigv4(method: str, host: str, target: str, received: Message, body: bytes, cfg: dict[str, Any]) -> Verdict:
     """Recompute the request's SigV4 signature with the real secret key and compare (constant time).
 
     The canonical request and string-to-sign come from botocore's own ``S3SigV4Auth`` on an ``AWSRequest`` rebuilt
@@ -962,7 +968,7 @@ def verify_sigv4(handler: Handler, cfg: dict[str, Any]) -> Verdict:
 
     v = Verdict()
     access_key, secret_key = str(cfg.get("access_key", "")), str(cfg.get("secret_key", ""))
-    auth = handler.headers.get("Authorization", "")
+    auth = received.get("Authorization", "")
     if not auth:
         return v.fail("SignatureDoesNotMatch", "no Authorization header (anonymous requests are not accepted)")
     m = _AUTH_RE.match(auth.strip())
@@ -980,17 +986,17 @@ def verify_sigv4(handler: Handler, cfg: dict[str, Any]) -> Verdict:
         )
     if cfg.get("region") and region != cfg["region"]:
         return v.fail("AuthorizationHeaderMalformed", f"region {region!r} is wrong; expecting {cfg['region']!r}", 400)
-    amz_date = handler.headers.get("X-Amz-Date", "")
+    amz_date = received.get("X-Amz-Date", "")
     if not amz_date or amz_date[:8] != date:
         return v.fail("SignatureDoesNotMatch", f"X-Amz-Date {amz_date!r} missing or not matching scope date {date}")
-    content_sha = handler.headers.get("X-Amz-Content-SHA256", "")
+    content_sha = received.get("X-Amz-Content-SHA256", "")
     if not content_sha:
         return v.fail("InvalidRequest", "Missing required header for this request: x-amz-content-sha256", 400)
 
     signed = m.group("sh").split(";")
     headers = HTTPHeaders()
     for name in signed:
-        values = handler.headers.get_all(name) or []
+        values = received.get_all(name) or []
         if not values:
             return v.fail("SignatureDoesNotMatch", f"signed header {name!r} is absent from the request")
         for value in values:
@@ -1001,7 +1007,9 @@ def verify_sigv4(handler: Handler, cfg: dict[str, Any]) -> Verdict:
             # Exactly the client's SignedHeaders (botocore's own list would drop e.g. user-agent if signed).
             return request.headers
 
-    request = AWSRequest(method=handler.command, url=f"https://{handler._host() or 'localhost'}{handler._raw_target()}")
+    if target.startswith(("http://", "https://")):  # absolute-form target (from a proxy): keep path and query
+        target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+    request = AWSRequest(method=method, url=f"https://{host or 'localhost'}{target}")
     request.headers = headers
     request.context["timestamp"] = amz_date
     signer = _Signer(Credentials(access_key, secret_key), "s3", region)
@@ -1019,7 +1027,7 @@ def verify_sigv4(handler: Handler, cfg: dict[str, Any]) -> Verdict:
         )
 
     # The headers are authentic; now the payload they vouch for.
-    raw = handler._body
+    raw = body
     scope = f"{date}/{region}/s3/aws4_request"
     key = _signing_key(secret_key, date, region, "s3")
     trailers: dict[str, str] = {}
@@ -1028,7 +1036,7 @@ def verify_sigv4(handler: Handler, cfg: dict[str, Any]) -> Verdict:
             payload, trailers = _decode_aws_chunked(raw, content_sha, key, amz_date, scope, m.group("sig"))
         except ValueError as exc:
             return v.fail("SignatureDoesNotMatch" if "signature" in str(exc) else "IncompleteBody", str(exc))
-        decoded_len = handler.headers.get("x-amz-decoded-content-length")
+        decoded_len = received.get("x-amz-decoded-content-length")
         if decoded_len is not None and int(decoded_len) != len(payload):
             return v.fail("IncompleteBody", f"decoded length {len(payload)} != x-amz-decoded-content-length", 400)
     elif content_sha == "UNSIGNED-PAYLOAD":
@@ -1039,7 +1047,7 @@ def verify_sigv4(handler: Handler, cfg: dict[str, Any]) -> Verdict:
         if hashlib.sha256(raw).hexdigest() != content_sha:
             return v.fail("XAmzContentSHA256Mismatch", "The provided 'x-amz-content-sha256' does not match", 400)
         payload = raw
-    checks = {k.lower(): val for k, val in handler.headers.items() if k.lower().startswith("x-amz-checksum-")}
+    checks = {k.lower(): val for k, val in received.items() if k.lower().startswith("x-amz-checksum-")}
     checks.pop("x-amz-checksum-algorithm", None)
     checks.pop("x-amz-checksum-type", None)
     checks.update({k: val for k, val in trailers.items() if k.startswith("x-amz-checksum-")})
@@ -1047,7 +1055,7 @@ def verify_sigv4(handler: Handler, cfg: dict[str, Any]) -> Verdict:
         actual = _checksum(name[len("x-amz-checksum-") :], payload)
         if actual is not None and actual != value:
             return v.fail("BadDigest", f"{name} {value} does not match the payload ({actual})", 400)
-    md5 = handler.headers.get("Content-MD5")
+    md5 = received.get("Content-MD5")
     if md5 and base64.b64encode(hashlib.md5(payload, usedforsecurity=False).digest()).decode() != md5:
         return v.fail("BadDigest", "Content-MD5 does not match the payload", 400)
     v.payload = payload
@@ -1183,6 +1191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", help="append one JSON line per request here")
     parser.add_argument("--openai-key", help="overrides config openai_key")
     parser.add_argument("--anthropic-key", help="overrides config anthropic_key")
+    parser.add_argument("--s3-access-key", help="overrides config s3.access_key (the real key id)")
+    parser.add_argument("--s3-secret-key", help="overrides config s3.secret_key (the real secret)")
+    parser.add_argument("--oauth-expires-in", type=float, help="overrides config oauth.expires_in (seconds)")
     args = parser.parse_args(argv)
     if not args.listen and not args.plain:
         parser.error("give at least one --listen or --plain address")
@@ -1197,6 +1208,11 @@ def main(argv: list[str] | None = None) -> int:
         config["openai_key"] = args.openai_key
     if args.anthropic_key:
         config["anthropic_key"] = args.anthropic_key
+    if args.s3_access_key or args.s3_secret_key:
+        s3 = config.setdefault("s3", {})
+        s3.update({k: v for k, v in (("access_key", args.s3_access_key), ("secret_key", args.s3_secret_key)) if v})
+    if args.oauth_expires_in is not None:
+        config.setdefault("oauth", {})["expires_in"] = args.oauth_expires_in
     if config.get("s3"):
         import botocore.auth  # noqa: F401  (fail at start, not on the first S3 request, if botocore is missing)
 

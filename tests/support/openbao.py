@@ -267,7 +267,7 @@ class OpenBao:
     def delete(self, path: str) -> None:
         self._journaled("DELETE", path, None)
 
-    def list(self, path: str, *, token: str | None = None) -> list[str]:
+    def list_keys(self, path: str, *, token: str | None = None) -> list[str]:
         """LIST ``path``: its keys, or [] when there are none (OpenBao answers 404 for an empty list)."""
         try:
             res = self.api("LIST", path, token=token)
@@ -373,7 +373,7 @@ class OpenBao:
         no_default_policy: bool = False,
     ) -> str:
         """Create a token with a fixed id (random unless given) so it is valid again after a restart. Journaled."""
-        token_id = token_id or f"s.cxe{secrets.token_hex(12)}"
+        token_id = token_id or f"cxe-token-{secrets.token_hex(12)}"  # custom ids may not start with "s."
         body = {
             "id": token_id,
             "policies": list(policies),
@@ -502,7 +502,7 @@ class OpenBao:
         ``sys/leases/lookup`` (walked recursively). Revoked and expired leases are gone from this list."""
         prefix = prefix.strip("/")
         out: list[str] = []
-        for key in self.list(f"sys/leases/lookup/{prefix}/"):
+        for key in self.list_keys(f"sys/leases/lookup/{prefix}/"):
             if key.endswith("/"):
                 out += self.leases(f"{prefix}/{key.rstrip('/')}")
             else:
