@@ -19,7 +19,8 @@ import httpx
 
 from .config import SecretsConfig
 from .injectors import OAuth2ClientCredentialsParams
-from .policies import CompiledPolicy, CredentialRef
+from .policies import CompiledPolicy, CredentialRef, normalize_host, parse_ip_literal
+from .resolver import Resolver
 from .secrets import (
     Fetched,
     FileBackend,
@@ -62,8 +63,9 @@ class _OAuth2Tokens:
     """Client-credentials tokens, cached per credential and refreshed ahead of expiry (in the background, while
     the current token keeps serving)."""
 
-    def __init__(self, store: SecretStore, trust: str | bool) -> None:
+    def __init__(self, store: SecretStore, trust: str | bool, resolver: Resolver | None) -> None:
         self._store = store
+        self._resolver = resolver
         self._tokens: dict[str, _Token] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._refreshing: dict[str, asyncio.Task[_Token]] = {}
@@ -104,8 +106,22 @@ class _OAuth2Tokens:
         if params.scopes:
             form["scope"] = " ".join(params.scopes)
         self.fetches += 1
+        url = httpx.URL(params.token_url)
+        extensions: dict[str, str] = {}
+        headers: dict[str, str] = {}
+        if self._resolver is not None and parse_ip_literal(url.host) is None:
+            # Resolve with the gateway's own resolver (the one policy decisions use) and dial that address; the
+            # name stays the TLS server name and Host, so certificate verification is unchanged.
+            resolution = await self._resolver.resolve(normalize_host(url.host))
+            if not resolution.addresses:
+                raise SecretUnavailable(f"token endpoint {url.host!r} does not resolve")
+            headers["Host"] = url.netloc.decode("ascii")
+            extensions["sni_hostname"] = url.host
+            url = url.copy_with(host=str(resolution.addresses[0]))
         try:
-            response = await self._client.post(params.token_url, data=form, auth=(client_id, client_secret))
+            response = await self._client.post(
+                url, data=form, auth=(client_id, client_secret), headers=headers, extensions=extensions
+            )
         except httpx.HTTPError as e:
             raise SecretUnavailable(f"token endpoint unreachable ({type(e).__name__})") from None
         if response.status_code != 200:
@@ -128,7 +144,13 @@ class _OAuth2Tokens:
 
 
 class CredentialBroker:
-    def __init__(self, config: SecretsConfig | None, state_dir: str, trust_file: str | None = None) -> None:
+    def __init__(
+        self,
+        config: SecretsConfig | None,
+        state_dir: str,
+        trust_file: str | None = None,
+        resolver: Resolver | None = None,
+    ) -> None:
         backend: SecretBackend
         if config is None:
             backend = _NoSecrets()
@@ -145,7 +167,7 @@ class CredentialBroker:
             refresh_ahead=config.refresh_ahead if config else 0.25,
         )
         self.hmac_key = load_hmac_key(state_dir)
-        self.oauth2 = _OAuth2Tokens(self.store, trust_file or True)
+        self.oauth2 = _OAuth2Tokens(self.store, trust_file or True, resolver)
         self.dev_only = isinstance(backend, FileBackend)
 
     def start(self) -> None:

@@ -98,10 +98,11 @@ class Gateway:
         self.ca_cert_path = str(self.confdir / f"{CA_BASENAME}-ca-cert.pem")
         self.audit = AuditLog(config.audit_path)
         own = config.own_addresses()
-        self.broker = CredentialBroker(config.secrets, config.state_dir, _upstream_bundle(config))
+        resolver = Resolver(config.resolver)
+        self.broker = CredentialBroker(config.secrets, config.state_dir, _upstream_bundle(config), resolver)
         self.state = GatewayState(
             policy=policy or load_policy(config.policy_files()),
-            resolver=Resolver(config.resolver),
+            resolver=resolver,
             audit=self.audit,
             transparent=config.mode == "transparent",
             gateway_addresses=own,

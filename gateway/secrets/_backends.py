@@ -179,13 +179,19 @@ class VaultBackend:
         self._login_lock = asyncio.Lock()
         self.calls = 0  # every request made to Vault: the secrets bench reports this per proxied request
 
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, fn: Any, *args: Any, relogin: bool = True, **kwargs: Any) -> Any:
         self.calls += 1
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except hvac.exceptions.InvalidPath as e:
             raise SecretNotFound("no such secret path") from e
         except hvac.exceptions.Forbidden as e:
+            # Our token may have been revoked or lost (a restarted server): log in again once, then retry.
+            if relogin and self.config.auth.method != "token":
+                self._client.token = None
+                async with self._login_lock:
+                    await self._login()
+                return await self._call(fn, *args, relogin=False, **kwargs)
             raise SecretUnavailable("Vault refused the request (permission denied)") from e
         except (hvac.exceptions.VaultError, requests.RequestException, OSError) as e:
             raise SecretUnavailable(f"Vault unreachable or failing ({type(e).__name__})") from e
@@ -219,10 +225,14 @@ class VaultBackend:
             if not role_id or not secret_id:
                 raise SecretUnavailable("vault auth approle needs a role id and a secret id (file or env)")
             result = await self._call(
-                self._client.auth.approle.login, role_id=role_id, secret_id=secret_id, mount_point=auth.mount
+                self._client.auth.approle.login,
+                role_id=role_id,
+                secret_id=secret_id,
+                mount_point=auth.mount,
+                relogin=False,
             )
             self._client.token = result["auth"]["client_token"]
-        info = await self._call(self._client.auth.token.lookup_self)
+        info = await self._call(self._client.auth.token.lookup_self, relogin=False)
         ttl = int(info["data"].get("ttl") or 0)
         self._token_expires = time.monotonic() + ttl if ttl > 0 else None
         self._token_renewable = bool(info["data"].get("renewable"))

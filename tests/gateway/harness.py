@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -22,6 +23,7 @@ from gateway.config import load_config
 from gateway.server import Gateway
 from tests.support.world import GATEWAY_INTERNET_IP, GATEWAY_SANDBOX_IP, World
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 E2E_POLICY = Path(__file__).parent / "fixtures" / "e2e.yaml"
 PROXY_TOKEN = "s3cret-proxy-token"
@@ -29,7 +31,15 @@ EXPLICIT_PORT = 3128
 TRANSPARENT_PORT = 8081
 
 
-def write_config(directory: Path, mode: str, port: int, *, upstream_ca: Path | None, policies: list[Path]) -> Path:
+def write_config(
+    directory: Path,
+    mode: str,
+    port: int,
+    *,
+    upstream_ca: Path | None,
+    policies: list[Path],
+    secrets: dict[str, Any] | None = None,
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
         "version": 1,
@@ -42,6 +52,8 @@ def write_config(directory: Path, mode: str, port: int, *, upstream_ca: Path | N
     }
     if upstream_ca is not None:
         config["upstream_ca"] = str(upstream_ca)
+    if secrets is not None:
+        config["secrets"] = secrets
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -92,12 +104,24 @@ def _bundle(state_dir: Path, upstream_ca: Path) -> tuple[Path, Path]:
 
 @contextmanager
 def gateway_process(
-    world: World, tmp: Path, mode: str, *, upstream_ca: bool = True, port: int | None = None
+    world: World,
+    tmp: Path,
+    mode: str,
+    *,
+    upstream_ca: bool = True,
+    port: int | None = None,
+    policies: list[Path] | None = None,
+    secrets: dict[str, Any] | None = None,
 ) -> Iterator[RunningGateway]:
     """`cube-egress run --config` as a real process in the gateway namespace (what an operator runs)."""
     port = port or (EXPLICIT_PORT if mode == "explicit" else TRANSPARENT_PORT)
     cfg = write_config(
-        tmp, mode, port, upstream_ca=world.upstream_ca_pem if upstream_ca else None, policies=[E2E_POLICY]
+        tmp,
+        mode,
+        port,
+        upstream_ca=world.upstream_ca_pem if upstream_ca else None,
+        policies=policies or [E2E_POLICY],
+        secrets=secrets,
     )
     log_path = tmp / "gateway.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)
@@ -122,10 +146,32 @@ CLONE_NEWNET = 0x40000000
 
 
 @contextmanager
-def gateway_in_thread(world: World, tmp: Path, mode: str, port: int) -> Iterator[tuple[RunningGateway, Gateway]]:
+def gateway_in_thread(
+    world: World,
+    tmp: Path,
+    mode: str,
+    port: int,
+    *,
+    policies: list[Path] | None = None,
+    secrets: dict[str, Any] | None = None,
+    log_file: Path | None = None,
+) -> Iterator[tuple[RunningGateway, InThreadGateway]]:
     """The gateway in this test process, on a thread moved into the gateway namespace (setns is per thread), so a
-    test can reach into it, e.g. to make a hook raise. Sockets it opens belong to the gateway namespace."""
-    cfg = write_config(tmp, mode, port, upstream_ca=world.upstream_ca_pem, policies=[E2E_POLICY])
+    test can reach into it, e.g. to make a hook raise. Sockets it opens belong to the gateway namespace.
+
+    Only one at a time: mitmproxy keeps its options in a process-wide `ctx`, so two masters in one process would
+    read each other's settings (the CA among them). Use `gateway_process` for a second gateway."""
+    cfg = write_config(
+        tmp, mode, port, upstream_ca=world.upstream_ca_pem, policies=policies or [E2E_POLICY], secrets=secrets
+    )
+    handler: logging.Handler | None = None
+    if log_file is not None:
+        # Everything the gateway logs, kept for the leak test.
+        handler = logging.FileHandler(log_file)
+        handler.setLevel(logging.DEBUG)
+        for name in ("cube_egress", "mitmproxy"):
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.DEBUG)
     gw = Gateway(load_config(str(cfg)))
     started = threading.Event()
     failure: list[BaseException] = []
@@ -161,12 +207,29 @@ def gateway_in_thread(world: World, tmp: Path, mode: str, port: int) -> Iterator
         world.add_redirect(port)
     try:
         ca_cert, bundle = _bundle(tmp / "state", world.upstream_ca_pem)
-        yield RunningGateway(mode, port, tmp / "state", ca_cert, bundle), gw
+        yield (
+            RunningGateway(mode, port, tmp / "state", ca_cert, bundle, log_path=log_file),
+            InThreadGateway(gw, loop_box[0]),
+        )
     finally:
         if mode == "transparent":
             world.remove_redirect()
         loop_box[0].call_soon_threadsafe(gw.shutdown)
-        thread.join(10)
+        thread.join(15)
+        if handler is not None:
+            for name in ("cube_egress", "mitmproxy"):
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+
+
+@dataclass
+class InThreadGateway:
+    gateway: Gateway
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the gateway's own event loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
 
 
 def hosts_for_sandbox(world: World, entries: dict[str, str]) -> None:

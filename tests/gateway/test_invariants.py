@@ -405,7 +405,7 @@ def _boom(*_args: object, **_kw: object) -> None:
 def test_hook_exception_denies(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, url: str
 ) -> None:
-    with gateway_in_thread(world, tmp_path, "explicit", 3130) as (gw, _gateway):
+    with gateway_in_thread(world, tmp_path, "explicit", 3130) as (gw, _inproc):
         monkeypatch.setattr(EgressAddon, target, _boom)
         r = request(world, "curl", "GET", url, gateway=gw)
         assert r.status in (403, None), r
