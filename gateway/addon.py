@@ -75,6 +75,7 @@ _SECURITY_KIND: dict[Reason, str] = {
 _DEFAULT_PORT = {"http": 80, "https": 443}
 # The one place a refusal's reason becomes an HTTP status; everything not listed is a 403.
 _STATUS: dict[Reason, int] = {
+    Reason.MALFORMED_REQUEST: 400,
     Reason.BAD_PROXY_TOKEN: 407,
     Reason.SECRET_UNAVAILABLE: 503,
     Reason.CREDENTIAL_INVALID: 502,
@@ -122,6 +123,7 @@ class _FlowInfo:
     stream: EchoRedactor = field(default_factory=lambda: EchoRedactor([]))
     fingerprint: str | None = None
     header_redactions: int = 0
+    buffered: bool = False  # a compressed response to an injected request: redacted whole, after decoding
 
 
 class _Refusal(Exception):
@@ -568,38 +570,42 @@ class EgressAddon:
         conn = self._conn(flow.client_conn)
         decision = info.decision
         cred = decision.credential
+        sandbox = decision.sandbox_id or ""
+        identity = Identity(sandbox, conn.source)
         outgoing = _outgoing(flow)
         foreign = find_placeholders(self.policy.placeholders, outgoing) - ({cred.name} if cred else set())
+
+        def refusal(reason: Reason, detail: str) -> _Refusal:
+            # Name the rule and the credential: "which credential failed" is the first question an operator asks.
+            return _Refusal(self.policy.deny(reason, identity, detail=detail, rule_id=decision.rule_id))
+
         try:
             if foreign:
-                raise _Refusal(
-                    self.policy.deny(
-                        Reason.CREDENTIAL_ENDPOINT_MISMATCH,
-                        Identity(decision.sandbox_id or "", conn.source),
-                        detail=f"placeholder of {', '.join(sorted(foreign))} sent to {info.facts.host}",
-                    )
+                raise refusal(
+                    Reason.CREDENTIAL_ENDPOINT_MISMATCH,
+                    f"placeholder of {', '.join(sorted(foreign))} sent to {info.facts.host}",
                 )
             if cred is None:
                 return
             broker = self.state.broker
-            sandbox = decision.sandbox_id or ""
             if broker is None:
-                raise _Refusal(self.policy.deny(Reason.SECRET_UNAVAILABLE, Identity(sandbox, conn.source)))
+                raise refusal(Reason.SECRET_UNAVAILABLE, f"credential {cred.name}: no secret backend")
             try:
                 material = await broker.material(cred, sandbox)
                 inserted = apply(cred.injector, material, outgoing)
             except SecretError as e:
-                raise _Refusal(
-                    self.policy.deny(Reason.SECRET_UNAVAILABLE, Identity(sandbox, conn.source), detail=str(e))
-                ) from None
+                raise refusal(Reason.SECRET_UNAVAILABLE, f"credential {cred.name}: {e}") from None
             except InjectionError as e:
-                reason = Reason.CREDENTIAL_INVALID if e.reason == "credential_invalid" else Reason.BAD_HOST
-                raise _Refusal(self.policy.deny(reason, Identity(sandbox, conn.source), detail=str(e))) from None
+                reason = Reason.CREDENTIAL_INVALID if e.reason == "credential_invalid" else Reason.MALFORMED_REQUEST
+                raise refusal(reason, f"credential {cred.name}: {e}") from None
         except _Refusal as r:
             flow.metadata.pop("cube_egress", None)
-            self._audit_decision(conn, r.decision, info.facts)
+            self._audit_decision(conn, r.decision, info.facts, **{F.CREDENTIAL: cred.name if cred else None})
             self._respond(flow, r.decision)
             return
+        if inserted:
+            # An upstream that compresses its answer would carry an echo past the redactor: ask for none.
+            outgoing.set_header("Accept-Encoding", "identity")
         _write_back(flow, outgoing)
         if inserted:
             info.stream = EchoRedactor(needles_for(inserted))
@@ -615,6 +621,17 @@ class EgressAddon:
         self._prepare_response(flow.response, info)
 
     def _prepare_response(self, response: http.Response, info: _FlowInfo) -> None:
+        if info.stream.needles and response.headers.get("content-encoding", "identity").lower() != "identity":
+            # The upstream compressed anyway: buffer this one response and redact its decoded body in `response`.
+            info.buffered = True
+            response.stream = False
+            self._redact_headers(response, info)
+            return
+        self._redact_headers(response, info)
+        # Stream every other intercepted response: server-sent events stay live and memory stays flat.
+        response.stream = info.stream
+
+    def _redact_headers(self, response: http.Response, info: _FlowInfo) -> None:
         if info.stream.needles:
             for name in set(response.headers.keys()):
                 values = response.headers.get_all(name)
@@ -622,11 +639,15 @@ class EgressAddon:
                 if redacted != values:
                     info.header_redactions += sum(a != b for a, b in zip(values, redacted, strict=True))
                     response.headers.set_all(name, redacted)
-        # Stream every intercepted response: server-sent events stay live and memory stays flat.
-        response.stream = info.stream
 
     @_fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
+        info = flow.metadata.get("cube_egress")
+        if isinstance(info, _FlowInfo) and info.buffered and flow.response is not None:
+            body = flow.response.get_content(strict=False) or b""
+            redacted = info.stream(body) + info.stream(b"")
+            if redacted != body:
+                flow.response.content = redacted  # re-encoded with the response's own Content-Encoding
         self._audit_flow(flow)
 
     @_fail_closed
@@ -657,7 +678,9 @@ class EgressAddon:
                 **{
                     F.SANDBOX: info.decision.sandbox_id,
                     F.SOURCE: conn.source,
+                    F.POLICY_HASH: info.decision.policy_hash,
                     F.HOST: info.facts.host,
+                    F.PORT: info.facts.port,
                     F.CREDENTIAL: info.decision.credential.name if info.decision.credential else None,
                     F.DETAIL: f"{echoes} echo(es) of the injected credential redacted from the response",
                 },

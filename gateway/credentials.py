@@ -73,14 +73,16 @@ class _OAuth2Tokens:
         self.fetches = 0
 
     async def token(self, cred: CredentialRef, params: OAuth2ClientCredentialsParams, sandbox_id: str) -> SecretValue:
+        # Client credentials leased per sandbox give tokens per sandbox; static ones may share a token.
+        key = f"{cred.name}@{sandbox_id}" if SecretRef.parse(cred.secret).dynamic else cred.name
         now = time.monotonic()
-        current = self._tokens.get(cred.name)
+        current = self._tokens.get(key)
         if current is not None and current.expires_at > now:
             lifetime = current.expires_at - current.obtained_at
-            if now > current.obtained_at + lifetime * 0.75 and cred.name not in self._refreshing:
-                task = asyncio.get_running_loop().create_task(self._fetch(cred, params, sandbox_id))
-                self._refreshing[cred.name] = task
-                name = cred.name
+            if now > current.obtained_at + lifetime * 0.75 and key not in self._refreshing:
+                task = asyncio.get_running_loop().create_task(self._fetch(cred, params, sandbox_id, key))
+                self._refreshing[key] = task
+                name = key
 
                 def done(t: asyncio.Task[_Token]) -> None:
                     self._refreshing.pop(name, None)
@@ -89,14 +91,16 @@ class _OAuth2Tokens:
 
                 task.add_done_callback(done)
             return current.value
-        lock = self._locks.setdefault(cred.name, asyncio.Lock())
+        lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            current = self._tokens.get(cred.name)
+            current = self._tokens.get(key)
             if current is not None and current.expires_at > time.monotonic():
                 return current.value
-            return (await self._fetch(cred, params, sandbox_id)).value
+            return (await self._fetch(cred, params, sandbox_id, key)).value
 
-    async def _fetch(self, cred: CredentialRef, params: OAuth2ClientCredentialsParams, sandbox_id: str) -> _Token:
+    async def _fetch(
+        self, cred: CredentialRef, params: OAuth2ClientCredentialsParams, sandbox_id: str, key: str
+    ) -> _Token:
         client = await self._store.get(SecretRef.parse(cred.secret), sandbox_id)
         try:
             client_id, client_secret = client["client_id"].reveal(), client["client_secret"].reveal()
@@ -134,7 +138,7 @@ class _OAuth2Tokens:
             raise SecretUnavailable("token endpoint answered without an access_token") from None
         now = time.monotonic()
         token = _Token(SecretValue(access, f"{cred.name}#access_token"), now, now + max(expires_in - 1.0, 1.0))
-        self._tokens[cred.name] = token
+        self._tokens[key] = token
         return token
 
     async def close(self) -> None:

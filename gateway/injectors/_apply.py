@@ -79,6 +79,15 @@ def find_placeholders(placeholders: Mapping[str, str], req: OutgoingRequest) -> 
 
 def apply(params: InjectorParams, material: SecretBundle, req: OutgoingRequest) -> list[str]:
     """Inject; returns the secret-bearing strings that were inserted (for echo redaction)."""
+    try:
+        return _apply(params, material, req)
+    except KeyError as e:
+        raise InjectionError(
+            "credential_invalid", f"secret {material.name!r} has no field {e.args[0]!r} (it has {sorted(material)})"
+        ) from None
+
+
+def _apply(params: InjectorParams, material: SecretBundle, req: OutgoingRequest) -> list[str]:
     if isinstance(params, HeaderParams):
         value = material.single(None).reveal()
         req.set_header(params.header, params.format.replace("{secret}", value))

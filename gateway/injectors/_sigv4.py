@@ -24,7 +24,12 @@ _SIGNING_HEADERS = ("authorization", "x-amz-date", "x-amz-security-token", "x-am
 
 
 def decode_aws_chunked(body: bytes) -> bytes:
-    """`<hex size>;chunk-signature=<sig>\\r\\n<data>\\r\\n ... 0;...\\r\\n[trailers]\\r\\n` -> the data."""
+    """`<hex size>;chunk-signature=<sig>CRLF<data>CRLF ... 0;...CRLF[trailers]CRLF` -> the data."""
+    return decode_aws_chunked_with_trailers(body)[0]
+
+
+def decode_aws_chunked_with_trailers(body: bytes) -> tuple[bytes, list[tuple[str, str]]]:
+    """The data and the trailing headers (boto3 sends its checksum as a trailer, e.g. x-amz-checksum-crc32)."""
     out = bytearray()
     pos = 0
     while True:
@@ -38,7 +43,12 @@ def decode_aws_chunked(body: bytes) -> bytes:
             raise InjectionError("bad_request", "malformed aws-chunked body") from None
         pos = end + 2
         if size == 0:
-            return bytes(out)
+            trailers = []
+            for line in body[pos:].split(b"\r\n"):
+                name, sep, value = line.decode("latin-1").partition(":")
+                if sep and not name.lower().startswith("x-amz-trailer-signature"):
+                    trailers.append((name.strip(), value.strip()))
+            return bytes(out), trailers
         if pos + size + 2 > len(body) or body[pos + size : pos + size + 2] != b"\r\n":
             raise InjectionError("bad_request", "malformed aws-chunked body")
         out += body[pos : pos + size]
@@ -58,8 +68,13 @@ def resign(params: AwsSigV4Params, material: SecretBundle, req: OutgoingRequest)
     sent_payload_hash = (req.header("x-amz-content-sha256") or "").strip()
     encodings = [e.strip() for e in (req.header("content-encoding") or "").split(",") if e.strip()]
     if "aws-chunked" in encodings or sent_payload_hash.startswith("STREAMING-"):
-        req.body = decode_aws_chunked(req.body)
+        req.body, trailers = decode_aws_chunked_with_trailers(req.body)
         req.remove_header("x-amz-decoded-content-length")
+        req.remove_header("transfer-encoding")
+        # A checksum sent as a trailer becomes a header of the same name, so S3 still verifies the payload.
+        for name, value in trailers:
+            if name.lower().startswith("x-amz-checksum-"):
+                req.set_header(name, value)
         rest = [e for e in encodings if e != "aws-chunked"]
         req.remove_header("content-encoding")
         if rest:

@@ -71,6 +71,7 @@ class Reason(enum.StrEnum):
     CREDENTIAL_ENDPOINT_MISMATCH = "credential_endpoint_mismatch"
     SECRET_UNAVAILABLE = "secret_unavailable"  # noqa: S105 (a reason code)
     CREDENTIAL_INVALID = "credential_invalid"
+    MALFORMED_REQUEST = "malformed_request"
 
 
 @dataclass(frozen=True, slots=True)

@@ -416,6 +416,22 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
                     str(e),
                     hint="write 'path', 'path#field' or 'dynamic:path'",
                 )
+            placeholder = getattr(c.injector, "placeholder", None)
+            if placeholder is not None:
+                clash = next(
+                    (
+                        n
+                        for n, other in credentials.items()
+                        if getattr(other.injector, "placeholder", None) == placeholder
+                    ),
+                    None,
+                )
+                if clash is not None:
+                    ctx.error(
+                        f.doc.at(("credentials", name, "injector")),
+                        f"placeholder {placeholder!r} is already used by credential {clash!r}",
+                        hint="each credential needs its own placeholder",
+                    )
             credentials[name] = CredentialRef(name=name, secret=c.secret, injector=c.injector)
             cred_pos[name] = pos
 

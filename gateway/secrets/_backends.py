@@ -174,6 +174,8 @@ class VaultBackend:
         self._client = hvac.Client(
             url=config.address, namespace=config.namespace, verify=verify, timeout=config.timeout_s
         )
+        # hvac picks up VAULT_TOKEN or ~/.vault-token by itself; the configured login decides, nothing ambient.
+        self._client.token = None
         self._token_expires: float | None = None  # monotonic; None: not logged in or no expiry
         self._token_renewable = False
         self._login_lock = asyncio.Lock()
@@ -186,8 +188,9 @@ class VaultBackend:
         except hvac.exceptions.InvalidPath as e:
             raise SecretNotFound("no such secret path") from e
         except hvac.exceptions.Forbidden as e:
-            # Our token may have been revoked or lost (a restarted server): log in again once, then retry.
-            if relogin and self.config.auth.method != "token":
+            # Our token may have been revoked or lost (a restarted server): then, and only then, log in again
+            # once and retry. A policy that simply lacks the path stays a refusal (no new token per request).
+            if relogin and self.config.auth.method != "token" and not await self._token_valid():
                 self._client.token = None
                 async with self._login_lock:
                     await self._login()
@@ -195,6 +198,13 @@ class VaultBackend:
             raise SecretUnavailable("Vault refused the request (permission denied)") from e
         except (hvac.exceptions.VaultError, requests.RequestException, OSError) as e:
             raise SecretUnavailable(f"Vault unreachable or failing ({type(e).__name__})") from e
+
+    async def _token_valid(self) -> bool:
+        try:
+            await self._call(self._client.auth.token.lookup_self, relogin=False)
+        except SecretUnavailable:
+            return False
+        return True
 
     async def _ensure_login(self) -> None:
         if self._client.token and (self._token_expires is None or self._token_expires > time.monotonic() + 5):
@@ -236,6 +246,7 @@ class VaultBackend:
         ttl = int(info["data"].get("ttl") or 0)
         self._token_expires = time.monotonic() + ttl if ttl > 0 else None
         self._token_renewable = bool(info["data"].get("renewable"))
+        self._ttl = float(ttl)
         log.info("logged in to Vault (%s auth), token ttl %ss", auth.method, ttl or "none")
 
     async def maintain(self) -> None:

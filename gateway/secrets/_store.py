@@ -36,6 +36,7 @@ class _Entry:
     renewable: bool = False
     lease_id: str | None = None
     failures: int = 0
+    duration: float = 0.0  # the lease duration asked for at each renewal (so renewals do not shrink)
 
 
 @dataclass(slots=True)
@@ -67,6 +68,8 @@ class SecretStore:
         self._locks: dict[object, asyncio.Lock] = {}
         self._task: asyncio.Task[None] | None = None
         self._unregistered: set[str] = set()
+        self._down_until: dict[SecretRef, float] = {}
+        self.outage_backoff_s = 1.0
         self.stats = _Stats()
 
     # -- request path ---------------------------------------------------------------------------------------------
@@ -80,12 +83,25 @@ class SecretStore:
         if entry is not None and entry.expires_at > now:
             self.stats.cache_hits += 1
             return entry.bundle
+        self._fail_fast(ref)
         async with self._lock(ref):
             entry = self._static.get(ref)
             if entry is not None and entry.expires_at > self._now():
                 return entry.bundle
-            entry = await self._fetch_static(ref)
+            self._fail_fast(ref)
+            try:
+                entry = await self._fetch_static(ref)
+            except SecretUnavailable:
+                # While the backend is down, later requests fail at once instead of each waiting for a timeout.
+                self._down_until[ref] = self._now() + self.outage_backoff_s
+                raise
+            self._down_until.pop(ref, None)
             return entry.bundle
+
+    def _fail_fast(self, ref: SecretRef) -> None:
+        until = self._down_until.get(ref)
+        if until is not None and until > self._now():
+            raise SecretUnavailable(f"secret {ref} is unavailable (backend down; retrying shortly)")
 
     async def _fetch_static(self, ref: SecretRef) -> _Entry:
         fetched = await self._backend_call(self.backend.read(ref), ref)
@@ -128,6 +144,7 @@ class SecretStore:
             now + duration * 2 / 3,
             renewable=fetched.renewable,
             lease_id=fetched.bundle.lease_id,
+            duration=duration,
         )
 
     async def _backend_call(self, call: object, ref: SecretRef) -> Fetched:
@@ -212,15 +229,19 @@ class SecretStore:
                     self.stats.refresh_failures += 1
                     # Try again soon; the old value keeps serving until its expiry.
                     entry.refresh_at = now + min(5.0 * entry.failures, 30.0)
+                    left = entry.expires_at - now
                     log.warning(
-                        "refreshing %s failed (%s); cached value valid for %.0fs", ref, e, entry.expires_at - now
+                        "refreshing %s failed (%s); %s",
+                        ref,
+                        e,
+                        f"cached value valid for {left:.0f}s" if left > 0 else "no valid cached value",
                     )
         for key, entry in list(self._leases.items()):
             if entry.refresh_at > now or not entry.lease_id:
                 continue
             if entry.renewable:
                 try:
-                    duration = await self.backend.renew(entry.lease_id, int(entry.expires_at - entry.fetched_at) or 60)
+                    duration = await self.backend.renew(entry.lease_id, int(entry.duration) or 60)
                 except SecretError as e:
                     entry.failures += 1
                     entry.refresh_at = now + min(5.0 * entry.failures, 30.0)

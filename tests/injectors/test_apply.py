@@ -211,3 +211,35 @@ def test_echo_redactor_never_lets_a_secret_through_whatever_the_chunking(
     assert len(out) == len(payload)
     assert secret.encode() not in out
     assert redactor.hits >= 1
+
+
+def test_a_multi_field_secret_without_value_is_a_credential_error() -> None:
+    with pytest.raises(InjectionError) as e:
+        apply(HeaderParams(kind="header", header="X-Key"), bundle(username="u", password="p" * 10), req())
+    assert e.value.reason == "credential_invalid" and "p" * 10 not in str(e.value)
+
+
+def test_aws_chunked_trailer_checksum_becomes_a_header() -> None:
+    body = b"5\r\nhello\r\n0\r\nx-amz-checksum-crc32:NhCmhg==\r\n\r\n"
+    r = OutgoingRequest(
+        "https",
+        "s3.example.test",
+        "PUT",
+        "/b/k",
+        [
+            ("Content-Encoding", "aws-chunked"),
+            ("Transfer-Encoding", "chunked"),
+            ("X-Amz-Content-SHA256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),
+            ("X-Amz-Trailer", "x-amz-checksum-crc32"),
+        ],
+        body,
+    )
+    apply(
+        AwsSigV4Params(kind="aws_sigv4", region="us-east-1", service="s3"),
+        bundle(access_key_id="AKIDREAL", secret_access_key="real-secret-key"),
+        r,
+    )
+    assert r.body == b"hello"
+    assert r.header("x-amz-checksum-crc32") == "NhCmhg==" and r.header("transfer-encoding") is None
+    assert r.header("x-amz-trailer") is None and r.header("content-length") == "5"
+    assert _verify_s3(r, "AKIDREAL", "real-secret-key")

@@ -59,8 +59,14 @@ def test_background_refresh_then_fail_closed_after_ttl_and_recovery(tmp_path: Pa
         await asyncio.sleep(1.2)
         with pytest.raises(SecretUnavailable):
             await store.get(ref, "sb")
-        # ... and comes back by itself.
+        # Meanwhile, requests fail at once instead of each waiting on the backend ...
+        reads = store.stats.backend_reads
+        with pytest.raises(SecretUnavailable):
+            await store.get(ref, "sb")
+        assert store.stats.backend_reads == reads
+        # ... and service comes back by itself once the backend does.
         f.write_text("api/key: third-value-789\n")
+        await asyncio.sleep(store.outage_backoff_s)
         assert (await store.get(ref, "sb")).single(None).reveal() == "third-value-789"
         await store.close()
 
