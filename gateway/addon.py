@@ -567,9 +567,11 @@ class EgressAddon:
         info = flow.metadata.get("cube_egress")
         if flow.response is not None or not isinstance(info, _FlowInfo):
             return
-        conn = self._conn(flow.client_conn)
         decision = info.decision
         cred = decision.credential
+        if cred is None and not self.policy.placeholders:
+            return  # nothing to inject and no placeholder that could be misplaced: leave the request untouched
+        conn = self._conn(flow.client_conn)
         sandbox = decision.sandbox_id or ""
         identity = Identity(sandbox, conn.source)
         outgoing = _outgoing(flow)
