@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   ca-certificates curl iproute2 nftables iputils-ping   # gateway, transparent mode, hermetic test networks
-  squid nginx-light wrk hey                              # benchmark peers, upstream and load generators (bench/)
+  squid nginx-light                                      # benchmark peer and upstream (bench/ has its own load generator)
   postgresql                                             # dynamic DB credentials tests (tests/support/postgres.py)
 )
 
