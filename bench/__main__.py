@@ -12,7 +12,7 @@ from typing import Any
 
 from ._common import BenchError, bench_workdir, emit_json, save_results
 
-NAMES = ("policy", "gateway", "splice")
+NAMES = ("policy", "gateway", "splice", "secrets")
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -28,6 +28,10 @@ def _runner(name: str) -> Callable[[argparse.Namespace, Path], dict[str, Any]]:
         from . import gateway
 
         return gateway.run
+    if name == "secrets":
+        from . import secrets
+
+        return secrets.run
     from . import splice
 
     return splice.run
@@ -39,12 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calls", type=int, default=200_000, help="policy: timed decide() calls per size and phase")
     p.add_argument("--warmup", type=int, default=20_000, help="policy: untimed warm-up calls")
     p.add_argument("--cold", type=int, default=20_000, help="policy: timed calls on never-seen destinations")
-    p.add_argument("--duration", type=float, default=8.0, help="gateway/splice: measured seconds per load run")
-    p.add_argument("--warmup-s", type=float, default=1.5, help="gateway/splice: unmeasured seconds before each run")
-    p.add_argument("--rounds", type=int, default=2, help="gateway/splice: rounds, alternating the order of the peers")
-    p.add_argument("--connections", type=int, default=20, help="gateway/splice: keep-alive connections")
-    p.add_argument("--client-procs", type=int, default=1, help="gateway/splice: load-generator processes")
-    p.add_argument("--rules", type=int, default=1_000, help="gateway/splice: rules in the gateway's policy")
+    p.add_argument("--duration", type=float, default=8.0, help="load benches: measured seconds per load run")
+    p.add_argument("--warmup-s", type=float, default=1.5, help="load benches: unmeasured seconds before each run")
+    p.add_argument("--rounds", type=int, default=2, help="load benches: rounds, alternating the order of the peers")
+    p.add_argument("--connections", type=int, default=20, help="load benches: keep-alive connections")
+    p.add_argument("--client-procs", type=int, default=1, help="load benches: load-generator processes")
+    p.add_argument("--rules", type=int, default=1_000, help="load benches: rules in the gateway's policy")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) for inspection")
     return p
 

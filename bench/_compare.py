@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,11 +68,14 @@ def preflight(peer: Peer) -> None:
         raise BenchError(f"{peer.name}: certificate issued by {issuer!r}, expected {peer.expect_issuer!r}")
 
 
-def run_rounds(peers: list[Peer], rounds: int) -> None:
+def run_rounds(
+    peers: list[Peer], rounds: int, around: Callable[[Peer], AbstractContextManager[object]] | None = None
+) -> None:
     """Every peer once per round; odd rounds in reverse order, so slow drift (thermal, caches) hits all alike.
 
     A peer whose run fails (stalls, refuses, dies) is reported as failed and skipped from then on; the others
-    still run, so one broken peer does not hide the figures of the rest.
+    still run, so one broken peer does not hide the figures of the rest. `around(peer)`, if given, is entered
+    just before each of that peer's load runs and left just after it (e.g. to count what a backend served).
     """
     for r in range(rounds):
         order = peers if r % 2 == 0 else list(reversed(peers))
@@ -77,7 +83,8 @@ def run_rounds(peers: list[Peer], rounds: int) -> None:
             if peer.error is not None:
                 continue
             try:
-                _run_once(peer, r)
+                with around(peer) if around is not None else contextlib.nullcontext():
+                    _run_once(peer, r)
             except BenchError as e:
                 peer.error = str(e).strip().splitlines()[0]
                 print(f"  round {r + 1} {peer.name:<12} FAILED: {peer.error}", flush=True)

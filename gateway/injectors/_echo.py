@@ -48,6 +48,10 @@ class EchoRedactor:
 
     def __init__(self, needles: list[bytes]) -> None:
         self.needles = needles
+        # For the tail check: every proper prefix of every needle, and the bytes such a prefix can start with.
+        self._prefixes = {n[:k] for n in needles for k in range(1, len(n))}
+        self._first_bytes = {n[0] for n in needles}
+        self._window = max((len(n) for n in needles), default=1) - 1
         self._hold = b""
         self.hits = 0
         self.bytes_out = 0
@@ -61,14 +65,14 @@ class EchoRedactor:
         return data
 
     def _held_tail(self, data: bytes) -> int:
-        """Length of the longest suffix of `data` that is a proper prefix of some needle."""
-        longest = 0
-        for needle in self.needles:
-            for k in range(min(len(needle) - 1, len(data)), longest, -1):
-                if data.endswith(needle[:k]):
-                    longest = k
-                    break
-        return longest
+        """Length of the longest suffix of `data` that is a proper prefix of some needle (0 when none)."""
+        if not self._window:
+            return 0
+        start = max(0, len(data) - self._window)
+        for i in range(start, len(data)):  # earliest start first: the longest candidate suffix wins
+            if data[i] in self._first_bytes and data[i:] in self._prefixes:
+                return len(data) - i
+        return 0
 
     def __call__(self, chunk: bytes) -> bytes:
         data = self.redact(self._hold + chunk)

@@ -247,7 +247,7 @@ class VaultBackend:
         self._token_expires = time.monotonic() + ttl if ttl > 0 else None
         self._token_renewable = bool(info["data"].get("renewable"))
         self._ttl = float(ttl)
-        log.info("logged in to Vault (%s auth), token ttl %ss", auth.method, ttl or "none")
+        log.info("logged in to Vault (%s auth), token ttl %s", auth.method, f"{ttl}s" if ttl else "none")
 
     async def maintain(self) -> None:
         """Renew the gateway's own token at two thirds of its life; log in again when it cannot be renewed."""
