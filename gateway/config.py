@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .policies._yaml import YamlLoadError, load_yaml
 from .secrets import VaultConfig
 
-__all__ = ["ConfigError", "GatewayConfig", "load_config", "default_config"]
+__all__ = ["ConfigError", "DnsConfig", "GatewayConfig", "load_config", "default_config"]
 
 
 class ConfigError(ValueError):
@@ -58,6 +58,17 @@ class ResolverConfig(_C):
         return self
 
 
+class DnsListenConfig(_C):
+    host: str = "127.0.0.1"  # in production the gateway's address on the sandbox network
+    port: int = Field(default=53, ge=1, le=65535)
+
+
+class DnsConfig(_C):
+    """The policy-aware DNS server for sandboxes (UDP and TCP); absent: the gateway serves no DNS."""
+
+    listen: DnsListenConfig = DnsListenConfig()
+
+
 class AuditConfig(_C):
     path: str | None = None  # default: <state_dir>/audit.jsonl
 
@@ -91,6 +102,7 @@ class GatewayConfig(_C):
     resolver: ResolverConfig = ResolverConfig()
     audit: AuditConfig = AuditConfig()
     secrets: SecretsConfig | None = None
+    dns: DnsConfig | None = None
     # Addresses of the gateway itself (besides the listen address): refused as destinations.
     gateway_addresses: list[str] = Field(default_factory=list)
 
@@ -109,13 +121,19 @@ class GatewayConfig(_C):
 
     def own_addresses(self) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         addrs = {ipaddress.ip_address(a) for a in self.gateway_addresses}
-        try:
-            listen = ipaddress.ip_address(self.listen.host)
-        except ValueError:
-            listen = None
-        if listen is not None and not listen.is_unspecified:
-            addrs.add(listen)
+        hosts = [self.listen.host] + ([self.dns.listen.host] if self.dns is not None else [])
+        for host in hosts:
+            try:
+                listen = ipaddress.ip_address(host)
+            except ValueError:
+                continue
+            if not listen.is_unspecified:
+                addrs.add(listen)
         return frozenset(addrs)
+
+    def own_ports(self) -> frozenset[int]:
+        """Ports the gateway itself listens on (proxy, DNS): its own addresses on them are never a destination."""
+        return frozenset({self.listen.port} | ({self.dns.listen.port} if self.dns is not None else set()))
 
 
 def _rebase(cfg: GatewayConfig, base: str) -> GatewayConfig:

@@ -25,6 +25,7 @@ from .addon import EgressAddon, GatewayState
 from .audit import AuditLog
 from .config import GatewayConfig
 from .credentials import CredentialBroker
+from .dns import DnsServer
 from .policies import CompiledPolicy, PolicyError, load_policy
 from .resolver import Resolver
 
@@ -106,10 +107,22 @@ class Gateway:
             audit=self.audit,
             transparent=config.mode == "transparent",
             gateway_addresses=own,
-            gateway_ports=frozenset({config.listen.port}),
+            gateway_ports=config.own_ports(),
             broker=self.broker,
         )
         self.addon = EgressAddon(self.state)
+        self.dns: DnsServer | None = None
+        if config.dns is not None:
+            self.dns = DnsServer(
+                config.dns.listen.host,
+                config.dns.listen.port,
+                policy=lambda: self.state.policy,  # read at every query, so a reload applies at once
+                resolver=resolver,
+                audit=self.audit,
+                gateway_addresses=own,
+                gateway_ports=self.state.gateway_ports,
+                static_ttl_s=config.resolver.min_ttl_s,
+            )
         self.master: Master | None = None
         self.ready = asyncio.Event()
 
@@ -157,16 +170,24 @@ class Gateway:
         # Not possible outside the main thread (tests embed the gateway in a thread).
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
-        run = asyncio.ensure_future(master.run())
+        run: asyncio.Future[None] | None = None
         try:
+            if self.dns is not None:
+                try:
+                    await self.dns.start()
+                except OSError as e:
+                    raise GatewayStartError(f"cannot listen for DNS on {self.dns.host}:{self.dns.port}: {e}") from e
+            run = asyncio.ensure_future(master.run())
             await self._wait_listening(run)
             self.ready.set()
             await run
         finally:
             # mitmproxy leaves its listening sockets open when run() returns; close them so the port is free.
             ps = master.addons.get("proxyserver")
-            if ps is not None:
+            if ps is not None and run is not None:
                 await ps.servers.update([])
+            if self.dns is not None:
+                await self.dns.stop()
             await self.broker.close()
 
     async def _wait_listening(self, run: asyncio.Future[None]) -> None:

@@ -10,7 +10,7 @@ SOURCE = "source"  # sandbox address as seen by the gateway ("ip:port")
 POLICY_HASH = "policy_hash"
 
 # decision records
-PHASE = "phase"  # "connection" (CONNECT / TLS ClientHello, spliced or refused) | "request"
+PHASE = "phase"  # "connection" (CONNECT / TLS ClientHello, spliced or refused) | "request" | PHASE_DNS
 METHOD = "method"
 SCHEME = "scheme"
 HOST = "host"
@@ -30,6 +30,13 @@ BYTES_IN = "bytes_in"  # request body bytes from the sandbox
 BYTES_OUT = "bytes_out"  # response body bytes to the sandbox
 DURATION_MS = "duration_ms"
 ERROR = "error"
+
+# decision records of DNS queries (PHASE_DNS); HOST is the query name, SCHEME/PORT/METHOD/PATH are absent
+PHASE_DNS = "dns"
+QTYPE = "qtype"  # "A", "AAAA", "TXT", "TYPE65534", ...; a class other than IN is prefixed ("CH TXT")
+RCODE = "rcode"  # what the sandbox was answered: "NOERROR", "NXDOMAIN", "REFUSED", "SERVFAIL"
+ANSWERS = "answers"  # addresses in the answer (A records), [] when none
+TTL = "ttl"  # TTL of the answer's records (never beyond the gateway's own cache entry), null without records
 
 # security events
 KIND = "kind"  # one of SECURITY_KINDS
@@ -54,5 +61,6 @@ SECURITY_KINDS = frozenset(
         "secret_unavailable",
         "secret_echo",
         "credential_invalid",
+        "dns_refused",  # a DNS query name that is no host name, too long, or looks like encoded data
     }
 )

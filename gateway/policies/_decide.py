@@ -20,13 +20,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ._addresses import AddressClass, IPAddress, classify_address
+from ._dns import DnsNameError, NameFault, encoded_data, parse_query_name
 from ._hosts import parse_ip_literal
-from ._model import CredentialRef, Mode, Rule, Sandbox, Scheme, Verdict
+from ._model import DEFAULT_PORTS, CredentialRef, Mode, Rule, Sandbox, Scheme, Verdict
 
 __all__ = [
     "AddressCheck",
     "CompiledPolicy",
     "Decision",
+    "DnsDecision",
+    "DnsReply",
     "Identity",
     "Reason",
     "RequestFacts",
@@ -72,6 +75,12 @@ class Reason(enum.StrEnum):
     SECRET_UNAVAILABLE = "secret_unavailable"  # noqa: S105 (a reason code)
     CREDENTIAL_INVALID = "credential_invalid"
     MALFORMED_REQUEST = "malformed_request"
+    # DNS queries from sandboxes (`CompiledPolicy.decide_dns`)
+    BAD_NAME = "bad_name"
+    NAME_TOO_LONG = "name_too_long"
+    LABEL_TOO_LONG = "label_too_long"
+    HIGH_ENTROPY_LABEL = "high_entropy_label"
+    QTYPE_REFUSED = "qtype_refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +140,74 @@ class AddressCheck:
     @property
     def ok(self) -> bool:
         return self.decision is None
+
+
+class DnsReply(enum.StrEnum):
+    """What the DNS server does with a query, once the core has decided."""
+
+    ANSWER = "answer"  # resolve with the gateway's resolver, check the addresses (`check_dns_answers`), answer A
+    NODATA = "nodata"  # NOERROR without records (AAAA: sandboxes have no IPv6)
+    NXDOMAIN = "nxdomain"  # for this sandbox the name does not exist
+    REFUSED = "refused"  # a query the gateway does not answer (type, shape of the name, unknown sandbox)
+
+
+# Query types the gateway answers (IN class only); every other type is refused.
+_DNS_QTYPES = {"A": DnsReply.ANSWER, "AAAA": DnsReply.NODATA}
+_NAME_FAULT_REASON = {
+    NameFault.BAD_NAME: Reason.BAD_NAME,
+    NameFault.NAME_TOO_LONG: Reason.NAME_TOO_LONG,
+    NameFault.LABEL_TOO_LONG: Reason.LABEL_TOO_LONG,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DnsDecision:
+    """The answer to one DNS query of a sandbox. `verdict`, `mode`, `reason` and `rule_id` read like a Decision's
+    (the connection-phase decision that made the name resolvable, or the refusal); `reply` says what to send."""
+
+    verdict: Verdict
+    mode: Mode
+    reason: Reason
+    rule_id: str | None
+    policy_hash: str
+    sandbox_id: str | None
+    name: str  # normalised (lower case, no final dot); as received when it is not a valid name
+    qtype: str
+    reply: DnsReply
+    # Where the sandbox may reach the name: (scheme, first port, last port); `check_dns_answers` judges the
+    # resolved addresses for these. Empty unless the name is resolvable.
+    destinations: tuple[tuple[Scheme, int, int], ...] = ()
+    detail: str = ""
+
+    @property
+    def blocks(self) -> bool:
+        return self.verdict is Verdict.DENY and self.mode is Mode.ENFORCE
+
+
+def _port_spans(rule: Rule, scheme: Scheme) -> tuple[tuple[int, int], ...]:
+    """The ports a rule covers for one scheme, as inclusive ranges."""
+    if scheme not in rule.schemes:
+        return ()
+    if rule.ports is None:
+        port = DEFAULT_PORTS.get(scheme)
+        return () if port is None else ((port, port),)
+    return rule.ports.ranges
+
+
+def _pieces(spans: Iterable[tuple[int, int]], cuts: Iterable[int]) -> list[tuple[int, int]]:
+    """Split port ranges at the cut points (the first port of a range that may be judged differently), so every
+    piece is judged alike at all of its ports; overlapping input ranges give each piece once, in order."""
+    cut = sorted(set(cuts))
+    out: set[tuple[int, int]] = set()
+    for lo, hi in spans:
+        points = [lo, *(c for c in cut if lo < c <= hi)]
+        ends = [p - 1 for p in points[1:]] + [hi]
+        out.update(zip(points, ends, strict=True))
+    return sorted(out)
+
+
+def _cuts(rules: Iterable[Rule], scheme: Scheme) -> list[int]:
+    return [p for r in rules for lo, hi in _port_spans(r, scheme) for p in (lo, hi + 1)]
 
 
 @dataclass(slots=True)
@@ -369,8 +446,9 @@ class CompiledPolicy:
         if enforced_deny is not None:
             return decision(Verdict.DENY, Mode.ENFORCE, Reason.DENIED_BY_RULE, enforced_deny, None)
         credential = allow.credential if allow is not None else None
-        if report_deny is not None:
+        if report_deny is not None and allow is not None:
             # The request passes as it would without the rule, credential included; the would-deny is recorded.
+            # (Without an allow it would not pass anyway: a report-mode rule never makes the outcome laxer.)
             return decision(Verdict.DENY, Mode.REPORT, Reason.DENIED_BY_RULE, report_deny, credential)
         if allow is not None:
             return decision(Verdict.ALLOW, Mode.ENFORCE, Reason.ALLOWED_BY_RULE, allow, credential)
@@ -471,3 +549,138 @@ class CompiledPolicy:
                 tuple(allowed), tuple(refused), self.deny(Reason.ADDRESS_REFUSED, identity, detail=detail)
             )
         return AddressCheck(tuple(allowed), (), None)
+
+    # -- DNS ------------------------------------------------------------------------------------------------
+
+    def decide_dns(self, identity: Identity | None, qname: str, qtype: str, qclass: str = "IN") -> DnsDecision:
+        """Judge one DNS query of a sandbox: `qname` in presentation form, `qtype` and `qclass` as mnemonics
+        ("A", "TXT", "TYPE65534"; "IN").
+
+        In order: an unknown sandbox, a name that is not a host name (`bad_name`, `name_too_long`,
+        `label_too_long`) and a name that looks like encoded data (`high_entropy_label`, see `encoded_data`) are
+        refused, whatever the type; then every type but A and AAAA in class IN (`qtype_refused`). Then the
+        policy: the name is resolvable when, for some scheme and port that a rule naming it (exactly or below a
+        `*.` wildcard) covers, the connection-phase decision does not block, as `decide` would judge a
+        connection there: so an allow rule makes it resolvable, and a deny rule makes it unresolvable only where
+        it refuses every connection the allow rules open (enforced, without request conditions, on all of the
+        allowed schemes and ports); a deny in report mode lets connections through, so its name resolves too.
+        CIDR rules never make a name resolvable. A sandbox whose default mode is
+        `report` gets names no rule allows too (judged as https/443 and http/80), recorded as would-deny. A
+        resolvable A query is answered (`DnsReply.ANSWER`: the caller resolves and calls `check_dns_answers`), a
+        resolvable AAAA query gets no records; anything else is NXDOMAIN.
+
+        The shape test skips names an allow rule spells out exactly; below a wildcard it judges the labels left
+        of the wildcard's suffix, joined; for names no rule allows, each label on its own.
+        """
+        sandbox = self.sandboxes.get(identity.sandbox_id) if identity is not None else None
+        sandbox_id = sandbox.id if sandbox is not None else None
+
+        def refused(reason: Reason, name: str, detail: str = "") -> DnsDecision:
+            return DnsDecision(
+                Verdict.DENY,
+                Mode.ENFORCE,
+                reason,
+                None,
+                self.policy_hash,
+                sandbox_id,
+                name,
+                qtype,
+                DnsReply.REFUSED,
+                detail=detail,
+            )
+
+        if sandbox is None:
+            return refused(Reason.UNKNOWN_SANDBOX, qname)
+        try:
+            name = parse_query_name(qname)
+        except DnsNameError as e:
+            return refused(_NAME_FAULT_REASON[e.fault], qname, e.detail)
+        index = self._sandbox_index[sandbox.id]
+        for text in self._dns_chosen_parts(index, name):
+            why = encoded_data(text)
+            if why is not None:
+                return refused(Reason.HIGH_ENTROPY_LABEL, name, why)
+        reply = _DNS_QTYPES.get(qtype) if qclass == "IN" else None
+        if reply is None:
+            return refused(Reason.QTYPE_REFUSED, name, f"{qclass} {qtype}")
+        decision, destinations = self._dns_destinations(sandbox, index, name)
+        return DnsDecision(
+            decision.verdict,
+            decision.mode,
+            decision.reason,
+            decision.rule_id,
+            self.policy_hash,
+            sandbox.id,
+            name,
+            qtype,
+            reply if destinations else DnsReply.NXDOMAIN,
+            destinations,
+        )
+
+    @staticmethod
+    def _dns_chosen_parts(index: _RuleIndex, name: str) -> tuple[str, ...]:
+        """The parts of a name the sandbox chose freely, for the shape test: nothing for a name an allow rule
+        spells out; the labels left of the longest allowing wildcard suffix; else every label."""
+        if any(r.action is Verdict.ALLOW for r in index.exact.get(name, ())):
+            return ()
+        dot = name.find(".")
+        while dot != -1:
+            if any(r.action is Verdict.ALLOW for r in index.wildcard.get(name[dot + 1 :], ())):
+                return (name[:dot],)
+            dot = name.find(".", dot + 1)
+        return tuple(name.split("."))
+
+    def _dns_destinations(
+        self, sandbox: Sandbox, index: _RuleIndex, name: str
+    ) -> tuple[Decision, tuple[tuple[Scheme, int, int], ...]]:
+        """The (scheme, port range) pieces, among those the rules naming `name` cover, where a connection to it is
+        not blocked, and the decision to record: the first allow among them, else the first would-deny (report
+        mode), else the first refusal."""
+        rules = index.for_host(name)
+        found: list[tuple[Decision, tuple[Scheme, int, int]]] = []
+        blocked: Decision | None = None
+        for scheme in Scheme:
+            spans = [s for r in rules for s in _port_spans(r, scheme)]
+            if sandbox.default_mode is Mode.REPORT and scheme in DEFAULT_PORTS:
+                spans.append((DEFAULT_PORTS[scheme], DEFAULT_PORTS[scheme]))
+            for lo, hi in _pieces(spans, _cuts(rules, scheme)):
+                decision = self._plan(sandbox, name, scheme, lo).connection
+                if decision.blocks:
+                    blocked = blocked or decision
+                else:
+                    found.append((decision, (scheme, lo, hi)))
+        if not found:
+            return blocked or self._resolve(sandbox, ()), ()
+        allowed = [d for d, _ in found if d.verdict is Verdict.ALLOW]
+        return (allowed or [found[0][0]])[0], tuple(dest for _, dest in found)
+
+    def check_dns_answers(
+        self,
+        identity: Identity,
+        decision: DnsDecision,
+        addresses: Iterable[IPAddress],
+        gateway_addresses: frozenset[IPAddress] = frozenset(),
+        gateway_ports: frozenset[int] = frozenset(),
+    ) -> AddressCheck:
+        """May the sandbox be told these addresses for the name? Yes when, for at least one destination the name is
+        resolvable for, `check_addresses` passes all of them (so a name pointing at 169.254.169.254 is handed out
+        only where a CIDR rule of the sandbox allows that address for a scheme and port the name is allowed on).
+        Otherwise the refusal of the first destination."""
+        addresses = tuple(addresses)
+        if not addresses or not decision.destinations:
+            return AddressCheck((), (), self.deny(Reason.DESTINATION_NOT_RESOLVED, identity, detail=decision.name))
+        index = self._sandbox_index.get(identity.sandbox_id)
+        if index is None:
+            return AddressCheck((), (), self.deny(Reason.UNKNOWN_SANDBOX, identity))
+        cidr_rules = [r for a in addresses for r in index.for_address(a)]
+        gateway_cuts = [p for g in gateway_ports for p in (g, g + 1)]
+        first: AddressCheck | None = None
+        for scheme, lo, hi in decision.destinations:
+            for port, _ in _pieces([(lo, hi)], [*_cuts(cidr_rules, scheme), *gateway_cuts]):
+                facts = RequestFacts(scheme, decision.name, port)
+                check = self.check_addresses(identity, facts, addresses, gateway_addresses, gateway_ports)
+                if check.ok:
+                    return check
+                first = first or check
+        assert first is not None
+        return first

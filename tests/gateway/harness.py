@@ -39,6 +39,7 @@ def write_config(
     upstream_ca: Path | None,
     policies: list[Path],
     secrets: dict[str, Any] | None = None,
+    dns: dict[str, Any] | None = None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
@@ -54,6 +55,8 @@ def write_config(
         config["upstream_ca"] = str(upstream_ca)
     if secrets is not None:
         config["secrets"] = secrets
+    if dns is not None:
+        config["dns"] = dns  # e.g. {"listen": {"host": GATEWAY_SANDBOX_IP, "port": 53}}
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -112,6 +115,7 @@ def gateway_process(
     port: int | None = None,
     policies: list[Path] | None = None,
     secrets: dict[str, Any] | None = None,
+    dns: dict[str, Any] | None = None,
 ) -> Iterator[RunningGateway]:
     """`cube-egress run --config` as a real process in the gateway namespace (what an operator runs)."""
     port = port or (EXPLICIT_PORT if mode == "explicit" else TRANSPARENT_PORT)
@@ -122,6 +126,7 @@ def gateway_process(
         upstream_ca=world.upstream_ca_pem if upstream_ca else None,
         policies=policies or [E2E_POLICY],
         secrets=secrets,
+        dns=dns,
     )
     log_path = tmp / "gateway.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)

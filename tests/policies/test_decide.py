@@ -377,3 +377,15 @@ def test_deny_cidr_applies_to_names_resolving_into_it(policy: CompiledPolicy) ->
     # Only for the schemes and ports the deny rule names.
     http = facts_from_url("GET", "http://mirror.example.com/")
     assert policy.check_addresses(Identity("sb", "t"), http, [ipaddress.ip_address("1.1.1.7")]).ok
+
+
+def test_a_report_mode_rule_never_makes_the_outcome_laxer(tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text(
+        "version: 1\npolicies:\n  p:\n    rules:\n"
+        "      - {id: watch, action: deny, mode: report, hosts: [x.example.com]}\n"
+        "sandboxes:\n  - {id: s, sources: [10.0.0.1/32], policies: [p]}\n"
+    )
+    policy = load_policy([str(p)])
+    d = policy.decide(Identity("s", "t"), facts_from_url("GET", "https://x.example.com/"))
+    assert d.blocks and d.reason is Reason.NO_MATCHING_RULE

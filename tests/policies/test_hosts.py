@@ -164,9 +164,9 @@ def test_precedence_enforced_deny_then_report_then_allow(rules, method: str, pat
     matched = [(a, None if a == "allow" else m) for a, m, ms, ps in rules if matches(ms, ps)]
     if ("deny", None) in matched:
         assert (decision.verdict, decision.mode, decision.reason) == (Verdict.DENY, Mode.ENFORCE, Reason.DENIED_BY_RULE)
-    elif ("deny", "report") in matched:
+    elif ("deny", "report") in matched and ("allow", None) in matched:
         assert (decision.verdict, decision.mode) == (Verdict.DENY, Mode.REPORT)
-    elif matched:
+    elif ("allow", None) in matched:
         assert decision.verdict is Verdict.ALLOW
     else:
         assert decision.reason is Reason.NO_MATCHING_RULE and decision.blocks
