@@ -283,11 +283,10 @@ class DnsServer:
     def _ttl(self, resolution: Resolution) -> int:
         """Whole seconds the gateway's resolver keeps this answer: the sandbox must not cache it longer, or the
         transparent-mode check (its destination must be among the gateway's answers) could see a newer answer."""
-        # The resolver's cache is private to it; reading the expiry here keeps both in step without a new API.
-        hit = self._resolver._cache.get(resolution.name)
-        if hit is None or hit[1] is not resolution:
+        left = self._resolver.expires_in(resolution)
+        if left is None:
             return self._static_ttl_s  # a static `hosts` answer (never cached) or an IP literal
-        return max(0, math.floor(hit[0] - time.monotonic()))
+        return max(0, math.floor(left))
 
     def _record(self, src: str, rdclass: dns.rdataclass.RdataClass, outcome: _Outcome, answers: list[str]) -> None:
         d = outcome.decision

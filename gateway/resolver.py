@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from .config import ResolverConfig
 from .policies import IPAddress, normalize_host, parse_ip_literal
 
 __all__ = ["Resolution", "Resolver"]
+
+_CACHE_SIZE = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,12 @@ class Resolver:
         self._inflight[name] = fut
         try:
             res, ttl = await self._query(name)
+            if len(self._cache) >= _CACHE_SIZE:
+                # Bounded: names are sandbox-controlled. Drop expired entries, then the oldest eighth.
+                for key in [k for k, (exp, _) in self._cache.items() if exp <= now] or list(
+                    itertools.islice(self._cache, _CACHE_SIZE // 8)
+                ):
+                    del self._cache[key]
             self._cache[name] = (now + ttl, res)
             fut.set_result(res)
             return res
@@ -73,6 +82,13 @@ class Resolver:
             raise
         finally:
             del self._inflight[name]
+
+    def expires_in(self, resolution: Resolution) -> float | None:
+        """Seconds this cached answer has left (None when it is not a cached answer: static or an IP literal)."""
+        hit = self._cache.get(resolution.name)
+        if hit is None or hit[1] is not resolution:
+            return None
+        return hit[0] - time.monotonic()
 
     def cached(self, name: str) -> Resolution | None:
         hit = self._cache.get(name)
