@@ -290,6 +290,10 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("cases", nargs="+")
     test.add_argument("-v", "--verbose", action="store_true")
     test.set_defaults(func=_cmd_test)
+
+    from ebpf.cli import add_parser as add_sandbox_parser  # kernel enforcement; bcc is imported only when used
+
+    add_sandbox_parser(sub)
     return p
 
 

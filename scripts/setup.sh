@@ -8,6 +8,8 @@ APT_PACKAGES=(
   ca-certificates curl iproute2 nftables iputils-ping   # gateway, transparent mode, hermetic test networks
   squid nginx-light                                      # benchmark peer and upstream (bench/ has its own load generator)
   postgresql                                             # dynamic DB credentials tests (tests/support/postgres.py)
+  python3-bpfcc bpfcc-tools bpftool                      # kernel enforcement (ebpf/): bcc compiles, bpftool inspects
+  "linux-headers-$(dpkg --print-architecture)"           # headers bcc compiles against (linked below)
 )
 
 missing=()
@@ -58,5 +60,38 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
   touch "$stamp"
+fi
+# -- kernel enforcement (ebpf/) --------------------------------------------------------------------------------
+# bcc looks for the running kernel's headers in /lib/modules/$(uname -r)/build. A kernel without its own headers
+# package (a VM's custom kernel) gets Debian's newest ones: tc and cgroup programs use only the stable interface.
+rel="$(uname -r)"
+if [ ! -e "/lib/modules/$rel/build/include" ]; then
+  hdr="$(ls -d /usr/src/linux-headers-*-"$(dpkg --print-architecture)" 2>/dev/null | sort -V | tail -n 1 || true)"
+  common="${hdr%-*}-common"
+  if [ -n "$hdr" ] && [ -d "$hdr/include" ] && [ -d "$common" ] && [ "$(id -u)" = 0 ]; then
+    mkdir -p "/lib/modules/$rel"
+    ln -sfn "$hdr" "/lib/modules/$rel/build"
+    ln -sfn "$common" "/lib/modules/$rel/source"
+    echo "setup: no headers for kernel $rel; linked $hdr (and -common) for bcc"
+  else
+    echo "setup: WARNING: no kernel headers for $rel and none to link (install linux-headers-$(dpkg --print-architecture))" >&2
+  fi
+fi
+# bcc is Debian's (python3-bpfcc, pure Python over libbcc): expose only it to the venv, through a folder of its own.
+site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+if [ -d /usr/lib/python3/dist-packages/bcc ]; then
+  mkdir -p .venv/system-bcc
+  ln -sfn /usr/lib/python3/dist-packages/bcc .venv/system-bcc/bcc
+  # relative to site-packages, so the venv stays relocatable
+  echo "$(realpath --relative-to="$site" .venv/system-bcc)" > "$site/cube_egress_bcc.pth"
+fi
+.venv/bin/python -c 'import pyroute2' 2>/dev/null || .venv/bin/python -m pip install -q --disable-pip-version-check 'pyroute2>=0.9'
+if [ "$(id -u)" = 0 ]; then
+  if reason="$(.venv/bin/python -W ignore -c 'import ebpf, sys; r = ebpf.unavailable_reason(); print(r or ""); sys.exit(1 if r else 0)' 2>/dev/null)"; then
+    echo "setup: kernel enforcement (ebpf): this kernel ($rel) compiles and loads the programs"
+  else
+    echo "setup: WARNING: kernel enforcement (ebpf) is UNAVAILABLE on kernel $rel: ${reason:-bcc failed to start}" >&2
+    echo "setup: WARNING: 'cube-egress sandbox attach' will refuse; '--enforcer nftables' is the explicit, reduced fallback" >&2
+  fi
 fi
 echo "setup: ok ($(.venv/bin/python --version))"

@@ -61,6 +61,7 @@ SECURITY_KINDS = frozenset(
         "secret_unavailable",
         "secret_echo",
         "credential_invalid",
+        "packet_dropped",
         "dns_refused",  # a DNS query name that is no host name, too long, or looks like encoded data
     }
 )
