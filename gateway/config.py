@@ -91,6 +91,13 @@ class SecretsConfig(_C):
         return self
 
 
+class EnforcementConfig(_C):
+    """The kernel guard (ebpf/) is attached per sandbox with `cube-egress sandbox attach`; the gateway only reads
+    its drop reports. One reader per network namespace, so this is opt-in."""
+
+    report_drops: bool = False
+
+
 class GatewayConfig(_C):
     version: Literal[1] = 1
     mode: Literal["explicit", "transparent"] = "explicit"
@@ -103,6 +110,7 @@ class GatewayConfig(_C):
     audit: AuditConfig = AuditConfig()
     secrets: SecretsConfig | None = None
     dns: DnsConfig | None = None
+    enforcement: EnforcementConfig = EnforcementConfig()
     # Addresses of the gateway itself (besides the listen address): refused as destinations.
     gateway_addresses: list[str] = Field(default_factory=list)
 

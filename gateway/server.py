@@ -26,6 +26,7 @@ from .audit import AuditLog
 from .config import GatewayConfig
 from .credentials import CredentialBroker
 from .dns import DnsServer
+from .enforcement import report_drops
 from .policies import CompiledPolicy, PolicyError, load_policy
 from .resolver import Resolver
 
@@ -171,6 +172,9 @@ class Gateway:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
         run: asyncio.Future[None] | None = None
+        drops: asyncio.Task[None] | None = None
+        if self.config.enforcement.report_drops:
+            drops = asyncio.create_task(report_drops(self.audit), name="kernel-drop-reports")
         try:
             if self.dns is not None:
                 try:
@@ -188,6 +192,10 @@ class Gateway:
                 await ps.servers.update([])
             if self.dns is not None:
                 await self.dns.stop()
+            if drops is not None:
+                drops.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await drops
             await self.broker.close()
 
     async def _wait_listening(self, run: asyncio.Future[None]) -> None:

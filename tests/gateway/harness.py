@@ -40,6 +40,7 @@ def write_config(
     policies: list[Path],
     secrets: dict[str, Any] | None = None,
     dns: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
@@ -57,6 +58,7 @@ def write_config(
         config["secrets"] = secrets
     if dns is not None:
         config["dns"] = dns  # e.g. {"listen": {"host": GATEWAY_SANDBOX_IP, "port": 53}}
+    config.update(extra or {})
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -116,6 +118,8 @@ def gateway_process(
     policies: list[Path] | None = None,
     secrets: dict[str, Any] | None = None,
     dns: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    redirect: bool = True,
 ) -> Iterator[RunningGateway]:
     """`cube-egress run --config` as a real process in the gateway namespace (what an operator runs)."""
     port = port or (EXPLICIT_PORT if mode == "explicit" else TRANSPARENT_PORT)
@@ -127,6 +131,7 @@ def gateway_process(
         policies=policies or [E2E_POLICY],
         secrets=secrets,
         dns=dns,
+        extra=extra,
     )
     log_path = tmp / "gateway.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed below)
@@ -134,13 +139,13 @@ def gateway_process(
     proc = world.popen("gateway", [exe, "run", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT)
     try:
         world.wait_listening("gateway", port, host=GATEWAY_SANDBOX_IP, timeout=30)
-        if mode == "transparent":
+        if mode == "transparent" and redirect:
             world.add_redirect(port)
         state_dir = tmp / "state"
         ca_cert, bundle = _bundle(state_dir, world.upstream_ca_pem)
         yield RunningGateway(mode, port, state_dir, ca_cert, bundle, proc=proc, log_path=log_path)
     finally:
-        if mode == "transparent":
+        if mode == "transparent" and redirect:
             world.remove_redirect()
         world.stop(proc)
         log.close()
