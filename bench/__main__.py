@@ -12,7 +12,7 @@ from typing import Any
 
 from ._common import BenchError, bench_workdir, emit_json, save_results
 
-NAMES = ("policy", "gateway", "splice", "secrets")
+NAMES = ("policy", "gateway", "splice", "secrets", "ebpf")
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -32,6 +32,10 @@ def _runner(name: str) -> Callable[[argparse.Namespace, Path], dict[str, Any]]:
         from . import secrets
 
         return secrets.run
+    if name == "ebpf":
+        from . import ebpf
+
+        return ebpf.run
     from . import splice
 
     return splice.run
@@ -49,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=20, help="load benches: keep-alive connections")
     p.add_argument("--client-procs", type=int, default=1, help="load benches: load-generator processes")
     p.add_argument("--rules", type=int, default=1_000, help="load benches: rules in the gateway's policy")
+    p.add_argument("--iperf-seconds", type=int, default=5, help="ebpf: measured seconds per iperf3 run")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) for inspection")
     return p
 

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   ca-certificates curl iproute2 nftables iputils-ping   # gateway, transparent mode, hermetic test networks
+  iperf3                                                 # bench ebpf: TCP throughput through the tc guard
   squid nginx-light                                      # benchmark peer and upstream (bench/ has its own load generator)
   postgresql                                             # dynamic DB credentials tests (tests/support/postgres.py)
   python3-bpfcc bpfcc-tools bpftool                      # kernel enforcement (ebpf/): bcc compiles, bpftool inspects
