@@ -6,17 +6,20 @@ through the gateway, and anything else it sends (QUIC here) is dropped in the ke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 import ebpf
-from tests.gateway.harness import RunningGateway, gateway_process, hosts_for_sandbox, request
-from tests.support.world import World
+from tests.gateway.harness import PROXY_TOKEN, RunningGateway, gateway_process, hosts_for_sandbox, request
+from tests.support.world import World, child_env
 
 pytestmark = [pytest.mark.netns, pytest.mark.gateway]
 
@@ -100,3 +103,46 @@ def test_names_outside_the_policy_do_not_resolve(world: World, stack: RunningGat
     assert r.status is None and "resolve" in r.error.lower()
 
 
+def test_process_sandbox_reaches_only_the_real_gateway(world: World, tmp_path: Path) -> None:
+    """A process sandbox (cgroup guard) uses the explicit proxy with its token: that works through the real
+    gateway; a direct connection anywhere else is refused by the connect hook."""
+    if os.geteuid() != 0 or ebpf.unavailable_reason() is not None:
+        pytest.skip("kernel enforcement needs root and bcc")
+    cg = Path(ebpf.cgroup2_root()) / f"{world.prefix}-fullstack"
+    cg.mkdir()
+    spec = ebpf.SandboxSpec(
+        "tok", ip=world.gateway_ip, gateway_ip=world.gateway_ip, transparent_port=TPORT + 1, proxy_port=3133
+    )
+    try:
+        with (
+            gateway_process(world, tmp_path, "explicit", port=3133) as gw,
+            ebpf.CgroupGuard(str(cg), spec, netns=world.ns_name("gateway")),
+        ):
+            gw.mark()
+            code = (
+                "import json, os, subprocess\n"
+                f"open('{cg}/cgroup.procs', 'w').write(str(os.getpid()))\n"
+                f"fd = os.open('/run/netns/{world.ns_name('gateway')}', os.O_RDONLY); os.setns(fd, os.CLONE_NEWNET)\n"
+                "def curl(*args):\n"
+                "    p = subprocess.run(['curl', '-q', '-sS', '--connect-timeout', '3', '-m', '10', '--cacert',\n"
+                f"                        '{gw.trust_bundle}', *args], capture_output=True, text=True)\n"
+                "    return p.stdout or p.stderr\n"
+                "print(json.dumps({\n"
+                f"    'proxied': curl('-x', 'http://agent:{PROXY_TOKEN}@{world.gateway_ip}:3133', 'https://other.example.test/p'),\n"
+                "    'direct': curl('--noproxy', '*', '--resolve', 'other.example.test:443:198.51.100.11',\n"
+                "                  'https://other.example.test/d'),\n"
+                "}))\n"
+            )
+            proc = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env()
+            )
+            assert proc.returncode == 0, proc.stderr
+            out = json.loads(proc.stdout)
+            assert out["proxied"].startswith("{"), out
+            assert json.loads(out["proxied"])["server"] == "B", out
+            assert out["direct"].startswith("curl: ") and '"server"' not in out["direct"], out  # never left the host
+            (rec,) = gw.records(event="decision", host="other.example.test")
+            assert rec["sandbox"] == "tok" and rec["verdict"] == "allow"
+    finally:
+        with contextlib.suppress(OSError):
+            cg.rmdir()
