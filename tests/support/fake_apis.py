@@ -65,8 +65,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
-import socketserver
 import ssl
 import subprocess
 import sys
@@ -82,6 +80,11 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape
+
+try:  # imported as tests.support.fake_apis (the helpers below) or run as a script from this folder
+    from .upstream_server import TLSThreadingServer, make_server_context
+except ImportError:
+    from upstream_server import TLSThreadingServer, make_server_context  # type: ignore[no-redef]
 
 DEFAULT_HOSTS: dict[str, str] = {
     "api.openai.com": "openai",
@@ -1138,34 +1141,11 @@ def _decode_aws_chunked(
 # server
 
 
-class FakeServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
+class FakeServer(TLSThreadingServer):
     def __init__(self, address: tuple[str, int], state: ServerState, ssl_ctx: ssl.SSLContext | None) -> None:
         self.state = state
         self.ssl_ctx = ssl_ctx
         super().__init__(address, Handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = self.socket.accept()
-        if self.ssl_ctx is not None:
-            sock = self.ssl_ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
-
-def _make_ctx(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["http/1.1"])
-
-    def on_sni(sslobj: Any, server_name: str | None, _ctx: ssl.SSLContext) -> None:
-        with contextlib.suppress(AttributeError):
-            sslobj.cxe_sni = server_name
-
-    ctx.sni_callback = on_sni
-    return ctx
 
 
 def _addr(spec: str) -> tuple[str, int]:
@@ -1174,7 +1154,7 @@ def _addr(spec: str) -> tuple[str, int]:
 
 
 def _iter_listeners(args: argparse.Namespace, state: ServerState) -> Iterator[FakeServer]:
-    ctx = _make_ctx(args.cert, args.key or args.cert) if args.listen else None
+    ctx = make_server_context(args.cert, args.key or args.cert) if args.listen else None
     for spec in args.listen or []:
         yield FakeServer(_addr(spec), state, ctx)
     for spec in args.plain or []:

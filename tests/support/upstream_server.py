@@ -168,17 +168,14 @@ class EchoHandler(BaseHTTPRequestHandler):
         self._send(200, payload, "application/json")
 
 
-class EchoServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """Threaded TCP server that optionally wraps accepted sockets in TLS (handshake deferred to the worker)."""
+class TLSThreadingServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Threaded TCP server that optionally wraps accepted sockets in TLS (handshake deferred to the worker).
+    Shared with fake_apis.py."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], label: str, ssl_ctx: ssl.SSLContext | None) -> None:
-        self.label = label
-        self.ssl_ctx = ssl_ctx
-        super().__init__(address, EchoHandler)
+    ssl_ctx: ssl.SSLContext | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
@@ -187,7 +184,14 @@ class EchoServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return sock, addr
 
 
-def _make_ctx(cert: str, key: str) -> ssl.SSLContext:
+class EchoServer(TLSThreadingServer):
+    def __init__(self, address: tuple[str, int], label: str, ssl_ctx: ssl.SSLContext | None) -> None:
+        self.label = label
+        self.ssl_ctx = ssl_ctx
+        super().__init__(address, EchoHandler)
+
+
+def make_server_context(cert: str, key: str) -> ssl.SSLContext:
     """Server TLS context that records the client's SNI on the socket for the echo."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     servers: list[EchoServer] = []
     for spec in args.serve:
         label, ip, cert, key = spec.split(",", 3)
-        ctx = _make_ctx(cert, key)
+        ctx = make_server_context(cert, key)
         servers.extend(EchoServer((ip, port), label, ctx) for port in tls_ports)
         servers.extend(EchoServer((ip, port), label, None) for port in plain_ports)
 
