@@ -165,10 +165,14 @@ def start_gateway(
     secrets: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     wait: bool = True,
+    audit: Mapping[str, Any] | None = None,
+    module: str | None = None,
 ) -> Running:
     """A gateway named `name` (its files under workdir/name) with `n_rules` rules: generated ones plus `rules`
     (default `bench_rules(upstream_port)`); `credentials` are added to the policy's, `secrets` is the config's
-    `secrets:` section, `env` the process environment. `wait=False`: return at once (see `wait_listening`)."""
+    `secrets:` section, `env` the process environment. `wait=False`: return at once (see `wait_listening`).
+    `audit` is the config's `audit:` section; `module` runs `python -m MODULE run --config` instead of cube-egress
+    (a bench-only variant of the gateway, e.g. `bench._gateway_noaudit`)."""
     root = workdir / name
     root.mkdir()
     doc, _spec = _policygen.generate(n_rules, extra_rules=bench_rules(upstream_port) if rules is None else rules)
@@ -195,10 +199,12 @@ def start_gateway(
     }
     if secrets is not None:
         config["secrets"] = dict(secrets)
+    if audit is not None:
+        config["audit"] = dict(audit)
     cfg = root / "gateway.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     exe = VENV_BIN / "cube-egress"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway.cli"]
+    argv = [str(exe)] if exe.exists() and module is None else [sys.executable, "-m", module or "gateway.cli"]
     svc = services.start(name, [*argv, "run", "--config", str(cfg)], env=env, cwd=REPO, stop_signal=signal.SIGINT)
     if wait:
         wait_listening(svc, port, timeout=120)  # loading a large policy takes a while

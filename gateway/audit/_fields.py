@@ -4,7 +4,9 @@ from __future__ import annotations
 
 # every record
 TIME = "time"  # RFC 3339, UTC, microseconds
-EVENT = "event"  # EVENT_DECISION | EVENT_SECURITY
+EVENT = "event"  # EVENT_DECISION | EVENT_SECURITY | EVENT_HEADER | EVENT_CHECKPOINT | EVENT_RECOVERY
+SEQ = "seq"  # 1, 2, 3...: one chain per audit log, across restarts and rotated files; never reused
+PREV = "prev"  # hex SHA-256 of the previous record's line (its bytes without the newline); GENESIS for seq 1
 SANDBOX = "sandbox"
 SOURCE = "source"  # sandbox address as seen by the gateway ("ip:port")
 POLICY_HASH = "policy_hash"
@@ -30,6 +32,13 @@ BYTES_IN = "bytes_in"  # request body bytes from the sandbox
 BYTES_OUT = "bytes_out"  # response body bytes to the sandbox
 DURATION_MS = "duration_ms"
 ERROR = "error"
+# agent correlation (policy `correlation:`): {lower-case header: value} on every record of a request, and of a
+# CONNECT tunnel for the headers of its CONNECT; "<invalid>" for a value that is not short printable ASCII
+CORRELATION = "correlation"
+# usage limits (policy `limits:`): the limit a refusal or a report-mode would-refusal is about, e.g.
+# "requests_per_minute:sandbox"; and the counts after the request, {"sandbox": {"requests_per_minute": 3, ...}}
+LIMIT = "limit"
+USAGE = "usage"
 
 # decision records of DNS queries (PHASE_DNS); HOST is the query name, SCHEME/PORT/METHOD/PATH are absent
 PHASE_DNS = "dns"
@@ -44,6 +53,22 @@ DETAIL = "detail"
 
 EVENT_DECISION = "decision"
 EVENT_SECURITY = "security"
+
+# chain records (docs/audit.md): they carry SEQ/PREV like every record and are not decisions
+EVENT_HEADER = "header"  # first record of every file
+EVENT_CHECKPOINT = "checkpoint"  # signed; closes a file at rotation and the log at a clean shutdown
+EVENT_RECOVERY = "recovery"  # first record after a restart that found no clean shutdown
+CHAIN_EVENTS = frozenset({EVENT_HEADER, EVENT_CHECKPOINT, EVENT_RECOVERY})
+GENESIS = "0" * 64  # PREV of seq 1
+FORMAT = "format"  # header: the ledger format version (1)
+PREVIOUS_FILE = "previous_file"  # header: name of the file this one continues, null at genesis
+KEY_ID = "key_id"  # header, checkpoint: first 16 hex of SHA-256 of the raw Ed25519 public key
+FILE_RECORDS = "file_records"  # checkpoint: records in this file before the checkpoint (header included)
+CLOSES = "closes"  # checkpoint: null, "file" (rotation) or "log" (clean shutdown)
+SIGNATURE = "sig"  # checkpoint: base64 Ed25519 signature (docs/audit.md, "Chain and checkpoints")
+LAST_SEQ = "last_seq"  # recovery: the last intact record found on disk
+TORN_BYTES = "torn_bytes"  # recovery: bytes of a partial last line that were cut away
+TORN_SHA256 = "torn_sha256"  # recovery: hex SHA-256 of those bytes (null when none)
 
 SECURITY_KINDS = frozenset(
     {
@@ -63,5 +88,6 @@ SECURITY_KINDS = frozenset(
         "credential_invalid",
         "packet_dropped",
         "dns_refused",  # a DNS query name that is no host name, too long, or looks like encoded data
+        "correlation_invalid",  # a correlation header too long, not printable ASCII, or repeated (value not kept)
     }
 )

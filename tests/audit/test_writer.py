@@ -33,11 +33,12 @@ def test_one_sorted_line_per_record_and_private_file(tmp_path: Path) -> None:
     log.close()
     path = tmp_path / "a" / "audit.jsonl"
     lines = path.read_bytes().splitlines()
-    assert len(lines) == 2
-    first = json.loads(lines[0])
+    # header, the two records, the closing checkpoint
+    assert [json.loads(x)["event"] for x in lines] == ["header", "decision", "security", "checkpoint"]
+    first = json.loads(lines[1])
     assert first["event"] == "decision" and first["time"].endswith("Z")
     assert list(first) == sorted(first)
-    assert json.loads(lines[1])["kind"] == "host_mismatch"
+    assert json.loads(lines[2])["kind"] == "host_mismatch"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
