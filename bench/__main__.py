@@ -12,7 +12,7 @@ from typing import Any
 
 from ._common import BenchError, bench_workdir, emit_json, save_results
 
-NAMES = ("policy", "gateway", "splice", "secrets", "ebpf")
+NAMES = ("policy", "gateway", "splice", "secrets", "ebpf", "audit", "vm")
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -36,6 +36,14 @@ def _runner(name: str) -> Callable[[argparse.Namespace, Path], dict[str, Any]]:
         from . import ebpf
 
         return ebpf.run
+    if name == "audit":
+        from . import audit
+
+        return audit.run
+    if name == "vm":
+        from . import vm
+
+        return vm.run
     from . import splice
 
     return splice.run
@@ -54,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-procs", type=int, default=1, help="load benches: load-generator processes")
     p.add_argument("--rules", type=int, default=1_000, help="load benches: rules in the gateway's policy")
     p.add_argument("--iperf-seconds", type=int, default=5, help="ebpf: measured seconds per iperf3 run")
+    p.add_argument("--vm-boots", type=int, default=3, help="vm: cold boots timed")
+    p.add_argument("--vm-samples", type=int, default=10, help="vm: restores and clones timed, per kind")
+    p.add_argument("--vm-clones", type=int, default=50, help="vm: idle clones for the memory figures")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) for inspection")
     return p
 

@@ -35,12 +35,16 @@ from .audit import fields as F
 from .credentials import CredentialBroker
 from .injectors._apply import InjectionError, OutgoingRequest, apply, find_placeholders
 from .injectors._echo import EchoRedactor, needles_for
+from .limits import Admission, UsageMeter, limit_decision
+from .metrics import GatewayMetrics
 from .policies import (
+    CORRELATION_INVALID,
     CompiledPolicy,
     Decision,
     HostError,
     Identity,
     IPAddress,
+    LimitSubject,
     Reason,
     RequestFacts,
     Scheme,
@@ -79,6 +83,7 @@ _STATUS: dict[Reason, int] = {
     Reason.BAD_PROXY_TOKEN: 407,
     Reason.SECRET_UNAVAILABLE: 503,
     Reason.CREDENTIAL_INVALID: 502,
+    Reason.USAGE_LIMIT_EXCEEDED: 429,
 }
 
 
@@ -93,6 +98,9 @@ class GatewayState:
     gateway_addresses: frozenset[IPAddress] = frozenset()
     gateway_ports: frozenset[int] = frozenset()
     broker: CredentialBroker | None = None
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    # Usage-limit counters: kept across policy reloads (keyed by names), so never rebuilt with the policy.
+    meter: UsageMeter = field(default_factory=UsageMeter)
 
 
 @dataclass
@@ -108,6 +116,8 @@ class _Conn:
     refused: Decision | None = None  # every request on this connection gets this answer
     pinned: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)  # (name, port) -> (ip, port)
     pinned_names: dict[tuple[str, int], str] = field(default_factory=dict)  # (ip, port) -> the name it was checked for
+    correlation: dict[str, str] = field(default_factory=dict)  # from the CONNECT: for the connection's records
+    audit_seq: int = 0  # the last audit record about this connection (durability strict: on disk before replying)
 
     def pin(self, name: str, port: int, target: tuple[str, int]) -> None:
         self.pinned[(name, port)] = target
@@ -124,14 +134,21 @@ class _FlowInfo:
     fingerprint: str | None = None
     header_redactions: int = 0
     buffered: bool = False  # a compressed response to an injected request: redacted whole, after decoding
+    correlation: dict[str, str] = field(default_factory=dict)
+    limit: str | None = None  # a report-mode usage limit this request passed
+    usage: dict[str, dict[str, int]] | None = None  # usage-limit counts after this request
 
 
 class _Refusal(Exception):
     """Internal: a check failed; carries the decision to answer with."""
 
-    def __init__(self, decision: Decision) -> None:
+    def __init__(
+        self, decision: Decision, retry_after: int | None = None, extra: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(decision.reason)
         self.decision = decision
+        self.retry_after = retry_after  # seconds, for a 429 (Retry-After)
+        self.extra = extra or {}  # more audit fields for the refusal's record
 
 
 def _fail_closed[H: Callable[..., Any]](hook: H) -> H:
@@ -141,7 +158,9 @@ def _fail_closed[H: Callable[..., Any]](hook: H) -> H:
         @functools.wraps(hook)
         async def async_wrapper(self: EgressAddon, arg: Any) -> None:
             try:
+                before = self.state.audit.last_seq
                 await hook(self, arg)
+                await self._settle_audit(arg, before)
             except Exception as e:
                 self._on_hook_error(hook.__name__, arg, e)
 
@@ -183,7 +202,10 @@ def _split_authority(authority: str, default_port: int) -> tuple[str, int]:
 
 def _deny_body(decision: Decision) -> bytes:
     # Only the rule and the reason: nothing internal (no addresses, no policy text) reaches the sandbox.
-    return orjson.dumps({"rule": decision.rule_id, "reason": str(decision.reason)})
+    body: dict[str, Any] = {"rule": decision.rule_id, "reason": str(decision.reason)}
+    if decision.reason is Reason.USAGE_LIMIT_EXCEEDED:
+        body["limit"] = decision.detail  # which limit, e.g. "requests_per_minute:sandbox" (limits.Exceeded.label)
+    return orjson.dumps(body)
 
 
 class EgressAddon:
@@ -209,6 +231,13 @@ class EgressAddon:
     def _source_ip(self, conn: _Conn) -> str:
         return conn.source.rsplit(":", 1)[0]
 
+    def _decide(self, identity: Identity, facts: RequestFacts) -> Decision:
+        """The policy core's answer, timed for the decision_seconds histogram."""
+        t0 = time.perf_counter()
+        decision = self.policy.decide(identity, facts)
+        self.state.metrics.decision_seconds.observe(time.perf_counter() - t0)
+        return decision
+
     def _audit_decision(self, conn: _Conn, decision: Decision, facts: RequestFacts | None, **extra: Any) -> None:
         record: dict[str, Any] = {
             F.SANDBOX: decision.sandbox_id,
@@ -231,8 +260,15 @@ class EgressAddon:
                     F.PATH: redact_path(facts.path) if facts.path is not None else None,
                 }
             )
+        # A request's own correlation ids (passed in extra), else those of its CONNECT.
+        correlation = extra.pop(F.CORRELATION, None) or conn.correlation
+        if correlation:
+            record[F.CORRELATION] = correlation
+        if decision.reason is Reason.USAGE_LIMIT_EXCEEDED:
+            record[F.LIMIT] = decision.detail
         record.update(extra)
         self.state.audit.decision(**record)
+        conn.audit_seq = self.state.audit.last_seq
         kind = _SECURITY_KIND.get(decision.reason)
         if kind is not None:
             self.state.audit.security(
@@ -244,14 +280,45 @@ class EgressAddon:
                     F.HOST: facts.host if facts else extra.get(F.HOST),
                     F.PORT: facts.port if facts else extra.get(F.PORT),
                     F.DETAIL: decision.detail,
+                    **({F.CORRELATION: correlation} if correlation else {}),
+                },
+            )
+        invalid = sorted(name for name, value in (correlation or {}).items() if value == CORRELATION_INVALID)
+        if invalid:
+            # The value is not kept (it may be anything the sandbox chose); that it was sent is worth knowing.
+            self.state.audit.security(
+                "correlation_invalid",
+                **{
+                    F.SANDBOX: decision.sandbox_id,
+                    F.SOURCE: conn.source,
+                    F.POLICY_HASH: decision.policy_hash,
+                    F.HOST: facts.host if facts else extra.get(F.HOST),
+                    F.PORT: facts.port if facts else extra.get(F.PORT),
+                    F.DETAIL: "not short printable ASCII, or sent twice: " + ", ".join(invalid),
+                    F.CORRELATION: correlation,
                 },
             )
 
-    def _respond(self, flow: http.HTTPFlow, decision: Decision) -> None:
+    async def _settle_audit(self, arg: Any, before: int) -> None:
+        """Durability strict: whatever a hook lets reach the sandbox (an answer, a response's end, spliced or
+        relayed bytes) goes only once every record about its connection is on disk. Records the hook itself
+        wrote may be followed by related ones (a security event after its decision): wait for all of them."""
+        audit = self.state.audit
+        if not audit.holds_responses:
+            return
+        client = _client_of(arg)
+        conn = self._conns.get(client.id) if client is not None else None
+        if conn is None or not conn.audit_seq:
+            return
+        await audit.durable(audit.last_seq if conn.audit_seq > before else conn.audit_seq)
+
+    def _respond(self, flow: http.HTTPFlow, decision: Decision, retry_after: int | None = None) -> None:
         headers = {"Content-Type": "application/json", "Connection": "close"}
         status = _STATUS.get(decision.reason, 403)
         if decision.reason is Reason.BAD_PROXY_TOKEN:
             headers["Proxy-Authenticate"] = 'Basic realm="cube-egress"'
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
         flow.response = http.Response.make(status, _deny_body(decision), headers)
 
     def _identify(self, conn: _Conn, proxy_authorization: str | None) -> Identity:
@@ -306,6 +373,65 @@ class EgressAddon:
             raise _Refusal(check.decision)
         conn.pin(facts.host, facts.port, (str(dst_ip), facts.port))
 
+    # -- agent correlation and usage limits ------------------------------------------------------------------
+
+    def _correlation(self, conn: _Conn, headers: Headers) -> dict[str, str]:
+        """The correlation ids of a request (its own over its CONNECT's), as the policy's `correlation:` names
+        them. Read before any check, so a refusal is labelled too."""
+        own = self.policy.correlation.extract(headers.items(multi=True))
+        return {**conn.correlation, **own} if own else conn.correlation
+
+    def _strip_correlation(self, headers: Headers) -> None:
+        for name in self.policy.correlation.headers:
+            if name in headers:
+                del headers[name]  # every value of it
+
+    def _admit(self, decision: Decision, expected_bytes: int) -> tuple[Decision, Admission]:
+        """Count a request (or a spliced connection or tunnel) against the usage limits of its sandbox and
+        credential. Raises _Refusal (429) for an enforced limit; a report-mode one makes the decision a would-deny."""
+        limits = self.policy.limits_for(decision.sandbox_id, decision.credential)
+        if not limits or decision.sandbox_id is None:
+            return decision, Admission(None)
+        admission = self.state.meter.admit_request(decision.sandbox_id, limits, expected_bytes)
+        return self._apply_admission(decision, admission), admission
+
+    def _apply_admission(self, decision: Decision, admission: Admission) -> Decision:
+        refused = admission.refused
+        if refused is not None:
+            credential = refused.limit.name if refused.limit.subject is LimitSubject.CREDENTIAL else None
+            self.state.metrics.count_usage_limited(refused.scope, credential, str(refused.kind))
+            extra = {F.USAGE: admission.usage} if admission.usage else {}
+            raise _Refusal(limit_decision(decision, refused), refused.retry_after_s, extra)
+        if admission.reported:
+            return limit_decision(decision, admission.reported[0])
+        return decision
+
+    def _count_request_bytes(self, flow: http.HTTPFlow, info: _FlowInfo) -> bool:
+        """The whole request has been read: count its bytes against the session budgets before anything is sent.
+        False when it was refused (answered 429 and audited here)."""
+        decision = info.decision
+        limits = self.policy.limits_for(decision.sandbox_id, decision.credential)
+        if decision.sandbox_id is None or not any(limit.bytes_per_session for limit in limits):
+            return True
+        req = flow.request
+        admission = self.state.meter.add_bytes(
+            decision.sandbox_id, limits, _request_bytes(req, len(req.raw_content or b""))
+        )
+        try:
+            info.decision = self._apply_admission(decision, admission)
+        except _Refusal as r:
+            flow.metadata.pop("cube_egress", None)
+            conn = self._conn(flow.client_conn)
+            self._audit_decision(conn, r.decision, info.facts, **r.extra, **{F.CORRELATION: info.correlation})
+            self._respond(flow, r.decision)
+            return False
+        info.limit = info.limit or _reported(admission)
+        usage = dict(info.usage or {})
+        for subject, counts in (admission.usage or {}).items():
+            usage[subject] = {**usage.get(subject, {}), **counts}  # bytes now, the request count from before
+        info.usage = usage
+        return True
+
     # -- connection hooks ---------------------------------------------------------------------------------------
 
     @_fail_closed
@@ -329,6 +455,9 @@ class EgressAddon:
         conn = self._conn(flow.client_conn)
         proxy_auth = flow.request.headers.get("Proxy-Authorization")
         flow.request.headers.pop("Proxy-Authorization", None)
+        # The CONNECT's correlation ids label every record of the tunnel (requests inside may add their own).
+        conn.correlation = self._correlation(conn, flow.request.headers)
+        self._strip_correlation(flow.request.headers)
         facts: RequestFacts | None = None
         try:
             identity = self._identify(conn, proxy_auth)
@@ -339,22 +468,22 @@ class EgressAddon:
                 raise _Refusal(self.policy.deny(Reason.BAD_HOST, identity, detail=str(e))) from None
             conn.authority = (host, port)
             tcp_facts = RequestFacts(Scheme.TCP, host, port)
-            tcp_decision = self.policy.decide(identity, tcp_facts)
+            tcp_decision = self._decide(identity, tcp_facts)
             if tcp_decision.verdict is Verdict.ALLOW:
                 facts = tcp_facts
                 await self._authorize_destination(conn, identity, facts)
-                conn.tcp_allowed = tcp_decision
+                conn.tcp_allowed, _ = self._admit(tcp_decision, 0)  # a tunnel counts as one request
                 return
             facts = RequestFacts(Scheme.HTTPS, host, port)
-            decision = self.policy.decide(identity, facts)
+            decision = self._decide(identity, facts)
             if decision.blocks:
                 raise _Refusal(decision)
             await self._authorize_destination(conn, identity, facts)
             if not decision.intercept:
-                conn.splice = decision
+                conn.splice, _ = self._admit(decision, 0)  # a spliced connection counts as one request
         except _Refusal as r:
-            self._audit_decision(conn, r.decision, facts)
-            self._respond(flow, r.decision)
+            self._audit_decision(conn, r.decision, facts, **r.extra)
+            self._respond(flow, r.decision, r.retry_after)
 
     @_fail_closed
     async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -398,10 +527,12 @@ class EgressAddon:
             return
         facts = RequestFacts(Scheme.HTTPS, sni or normalize_host(dst[0]), dst[1])
         try:
-            decision = self.policy.decide(conn.identity, facts)
+            decision = self._decide(conn.identity, facts)
             if decision.blocks:
                 raise _Refusal(decision)
             await self._check_original_destination(conn, conn.identity, facts, dst[0])
+            if not decision.intercept:
+                decision, _ = self._admit(decision, 0)  # a spliced connection counts as one request
         except _Refusal as r:
             self._refuse_connection(conn, r.decision, facts)
             return
@@ -449,7 +580,7 @@ class EgressAddon:
         data.server.address = target
 
     @_fail_closed
-    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+    async def tcp_start(self, flow: tcp.TCPFlow) -> None:
         """Non-HTTP bytes: only a CONNECT that a 'tcp' rule allowed may carry them."""
         conn = self._conn(flow.client_conn)
         if conn.tcp_allowed is not None and not self.state.transparent:
@@ -469,12 +600,14 @@ class EgressAddon:
             return
         conn = self._conn(flow.client_conn)
         facts: RequestFacts | None = None
+        correlation = self._correlation(conn, flow.request.headers)
         try:
             if conn.refused is not None:
                 self._respond(flow, conn.refused)  # audited when the connection was refused
                 return
             facts, identity = self._request_facts(conn, flow)
-            decision = self.policy.decide(identity, facts)
+            self._strip_correlation(flow.request.headers)  # decided on as sent; never sent upstream
+            decision = self._decide(identity, facts)
             if decision.blocks:
                 raise _Refusal(decision)
             if self.state.transparent:
@@ -488,7 +621,10 @@ class EgressAddon:
                 # mitmproxy keys upstream connections by (request.host, port): pointing the request at the pinned
                 # address (the Host header stays as sent) makes the next request reuse the same connection.
                 flow.request.data.host, flow.request.data.port = conn.pinned[(facts.host, facts.port)]
-            flow.metadata["cube_egress"] = _FlowInfo(decision, facts)
+            decision, admission = self._admit(decision, _request_bytes(flow.request, _declared_length(flow.request)))
+            flow.metadata["cube_egress"] = _FlowInfo(
+                decision, facts, correlation=correlation, usage=admission.usage, limit=_reported(admission)
+            )
         except _Refusal as r:
             # Refused before the facts were complete: record what the request claimed, as it claimed it.
             extra = (
@@ -503,8 +639,8 @@ class EgressAddon:
                     F.SCHEME: flow.request.scheme,
                 }
             )
-            self._audit_decision(conn, r.decision, facts, **extra)
-            self._respond(flow, r.decision)
+            self._audit_decision(conn, r.decision, facts, **extra, **r.extra, **{F.CORRELATION: correlation})
+            self._respond(flow, r.decision, r.retry_after)
 
     def _request_facts(self, conn: _Conn, flow: http.HTTPFlow) -> tuple[RequestFacts, Identity]:
         req = flow.request
@@ -567,6 +703,8 @@ class EgressAddon:
         info = flow.metadata.get("cube_egress")
         if flow.response is not None or not isinstance(info, _FlowInfo):
             return
+        if not self._count_request_bytes(flow, info):
+            return
         decision = info.decision
         cred = decision.credential
         if cred is None and not self.policy.placeholders:
@@ -602,7 +740,12 @@ class EgressAddon:
                 raise refusal(reason, f"credential {cred.name}: {e}") from None
         except _Refusal as r:
             flow.metadata.pop("cube_egress", None)
-            self._audit_decision(conn, r.decision, info.facts, **{F.CREDENTIAL: cred.name if cred else None})
+            self._audit_decision(
+                conn,
+                r.decision,
+                info.facts,
+                **{F.CREDENTIAL: cred.name if cred else None, F.CORRELATION: info.correlation},
+            )
             self._respond(flow, r.decision)
             return
         if inserted:
@@ -612,6 +755,7 @@ class EgressAddon:
         if inserted:
             info.stream = EchoRedactor(needles_for(inserted))
             info.fingerprint = _fingerprint(broker.hmac_key, inserted[0])
+            self.state.metrics.count_injection(cred.name)
 
     @_fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -621,6 +765,8 @@ class EgressAddon:
         if not isinstance(info, _FlowInfo) or flow.response is None:
             return
         self._prepare_response(flow.response, info)
+        if self.state.audit.holds_responses:
+            _hold_end_until_audited(flow, info)
 
     def _prepare_response(self, response: http.Response, info: _FlowInfo) -> None:
         if info.stream.needles and response.headers.get("content-encoding", "identity").lower() != "identity":
@@ -643,7 +789,7 @@ class EgressAddon:
                     response.headers.set_all(name, redacted)
 
     @_fail_closed
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:  # async: the wrapper awaits the record (strict)
         info = flow.metadata.get("cube_egress")
         if isinstance(info, _FlowInfo) and info.buffered and flow.response is not None:
             body = flow.response.get_content(strict=False) or b""
@@ -653,7 +799,7 @@ class EgressAddon:
         self._audit_flow(flow)
 
     @_fail_closed
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
         self._audit_flow(flow)
 
     def _audit_flow(self, flow: http.HTTPFlow) -> None:
@@ -666,6 +812,9 @@ class EgressAddon:
         resp = flow.response
         started = flow.request.timestamp_start
         ended = (resp.timestamp_end if resp is not None else None) or time.time()
+        self.state.metrics.request_seconds.observe(max(ended - started, 0.0))
+        if resp is not None and resp.timestamp_start and flow.request.timestamp_end:
+            self.state.metrics.upstream_seconds.observe(max(resp.timestamp_start - flow.request.timestamp_end, 0.0))
         peer = flow.server_conn.peername
         if resp is None:
             bytes_out = 0
@@ -685,6 +834,7 @@ class EgressAddon:
                     F.PORT: info.facts.port,
                     F.CREDENTIAL: info.decision.credential.name if info.decision.credential else None,
                     F.DETAIL: f"{echoes} echo(es) of the injected credential redacted from the response",
+                    **({F.CORRELATION: info.correlation} if info.correlation else {}),
                 },
             )
         self._audit_decision(
@@ -702,6 +852,9 @@ class EgressAddon:
                 F.ECHO_REDACTIONS: echoes,
                 F.DURATION_MS: round((ended - started) * 1000, 3),
                 F.ERROR: flow.error.msg if flow.error else None,
+                F.CORRELATION: info.correlation,
+                **({F.LIMIT: info.limit} if info.limit else {}),
+                **({F.USAGE: info.usage} if info.usage else {}),
             },
         )
 
@@ -735,6 +888,27 @@ class EgressAddon:
             arg.kill()
         elif isinstance(arg, connection.Client):
             arg.error = "refused by cube-egress: gateway error"
+
+
+def _hold_end_until_audited(flow: http.HTTPFlow, info: _FlowInfo) -> None:
+    """Durability strict: a streamed body goes out as it arrives (server-sent events stay live), but its end (the
+    last chunk of a chunked HTTP/1.1 body, END_STREAM in HTTP/2) is sent only after the `response` hook has made
+    the record durable. An HTTP/1 body framed by Content-Length would end with its last byte, before that hook,
+    so it is re-framed as chunked; an HTTP/1.0 client cannot take chunked, so its response is buffered whole."""
+    response = flow.response
+    version = flow.request.http_version
+    if response is None or not response.stream or version not in ("HTTP/1.1", "HTTP/1.0"):
+        return
+    if flow.request.method.upper() == "HEAD" or response.status_code in (204, 304) or response.status_code < 200:
+        return  # no body: the response goes out whole after the `response` hook
+    if "chunked" in response.headers.get("transfer-encoding", "").lower():
+        return
+    if version == "HTTP/1.0":
+        info.buffered = True
+        response.stream = False
+        return
+    response.headers.pop("content-length", None)
+    response.headers["transfer-encoding"] = "chunked"
 
 
 def _client_of(arg: Any) -> connection.Client | None:
@@ -782,6 +956,21 @@ def _write_back(flow: http.HTTPFlow, outgoing: OutgoingRequest) -> None:
     req.headers = Headers([(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in outgoing.headers])
     if outgoing.body != (req.get_content(strict=False) or b""):
         req.content = outgoing.body
+
+
+def _declared_length(req: http.Request) -> int:
+    """The body size a request announces (0 when chunked or absent): lets a byte budget refuse it unread."""
+    value = req.headers.get("content-length", "")
+    return int(value) if value.isdigit() else 0
+
+
+def _request_bytes(req: http.Request, body: int) -> int:
+    """What a byte budget counts for a request: its request line (method, target), header block and body."""
+    return len(req.method) + len(req.path) + len(bytes(req.headers)) + body
+
+
+def _reported(admission: Admission) -> str | None:
+    return admission.reported[0].label if admission.reported else None
 
 
 def _fingerprint(key: bytes, value: str) -> str:

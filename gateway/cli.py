@@ -1,4 +1,4 @@
-"""`cube-egress`: run the gateway, and check, explain and test policies.
+"""`cube-egress`: run the gateway, and check, explain, test and replay policies.
 
 Exit codes: 0 success; 1 a policy error or a failed expectation; 2 bad usage or an unreadable input.
 """
@@ -147,6 +147,18 @@ def _explain(
         "reason": str(connection.reason),
         "handling": handling,
     }
+    # The usage limits the request counts against (the counting itself happens in the running gateway).
+    out["limits"] = [
+        {
+            "subject": str(limit.subject),
+            "name": limit.name,
+            "scope": str(limit.scope),
+            "requests_per_minute": limit.requests_per_minute,
+            "bytes_per_session": limit.bytes_per_session,
+            "mode": str(limit.mode),
+        }
+        for limit in (policy.limits_for(sandbox, request.credential) if not request.blocks else ())
+    ]
     return out
 
 
@@ -186,6 +198,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print(f"  reason:     {out['reason']}")
         print(f"  credential: {out['credential'] or '(none)'}")
         print(f"  connection: {out['connection']['handling']}")
+        for limit in out["limits"]:
+            numbers = ", ".join(
+                f"{k} {limit[k]}" for k in ("requests_per_minute", "bytes_per_session") if limit[k] is not None
+            )
+            print(f"  limit:      {limit['subject']} {limit['name']} ({limit['scope']}, {limit['mode']}): {numbers}")
         print(f"  policy:     {out['policy_hash'][:12]}")
     return 0
 
@@ -215,6 +232,13 @@ class _Cases(pydantic.BaseModel):
     version: Literal[1]
     policy: list[str]
     cases: list[_Case]
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    # Its own exit codes (1 means "the decisions change"): see gateway/replay.py.
+    from .replay import run
+
+    return run(args.audit, args.policy, output=args.format, fail_on=args.fail_on)
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
@@ -290,10 +314,31 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("cases", nargs="+")
     test.add_argument("-v", "--verbose", action="store_true")
     test.set_defaults(func=_cmd_test)
+    replay = psub.add_parser(
+        "replay",
+        help="re-decide recorded requests under a proposed policy and print what changes "
+        "(exit 0 no change, 1 changes, 2 error)",
+    )
+    replay.add_argument("--audit", nargs="+", required=True, metavar="FILE", help="audit log file(s)")
+    replay.add_argument("--policy", nargs="+", required=True, metavar="FILE", help="the proposed policy files")
+    replay.add_argument("--format", choices=["text", "json"], default="text")
+    replay.add_argument(
+        "--fail-on",
+        choices=["any", "denied"],
+        default="any",
+        help="what makes the exit code 1: any change (default), or only newly denied requests",
+    )
+    replay.set_defaults(func=_cmd_replay)
 
     from ebpf.cli import add_parser as add_sandbox_parser  # kernel enforcement; bcc is imported only when used
 
     add_sandbox_parser(sub)
+    from .audit.cli import add_parser as add_audit_parser  # audit verify | pubkey (and export)
+
+    add_audit_parser(sub)
+    from hypervisor.cli import add_parser as add_hypervisor_parser  # image build (vm, demo later)
+
+    add_hypervisor_parser(sub)
     return p
 
 

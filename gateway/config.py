@@ -16,10 +16,11 @@ from typing import Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .audit._sinks import SinkConfig, rebase_sinks
 from .policies._yaml import YamlLoadError, load_yaml
 from .secrets import VaultConfig
 
-__all__ = ["ConfigError", "DnsConfig", "GatewayConfig", "load_config", "default_config"]
+__all__ = ["AdminConfig", "ConfigError", "DnsConfig", "GatewayConfig", "load_config", "default_config"]
 
 
 class ConfigError(ValueError):
@@ -70,7 +71,18 @@ class DnsConfig(_C):
 
 
 class AuditConfig(_C):
+    """The hash-chained audit log (docs/audit.md)."""
+
     path: str | None = None  # default: <state_dir>/audit.jsonl
+    # none: write, never fsync; batched: fsync every batch_ms; strict: a response waits until its record is fsynced
+    durability: Literal["none", "batched", "strict"] = "batched"
+    batch_ms: float = Field(default=5.0, ge=0, le=1000)
+    signing_key: str | None = None  # Ed25519 PKCS#8 PEM; default <state_dir>/audit-signing-key.pem (generated)
+    checkpoint_records: int = Field(default=1000, ge=1)
+    checkpoint_interval_s: float = Field(default=10.0, gt=0)
+    rotate_bytes: int | None = Field(default=128 * 1024 * 1024, ge=4096)  # null: no rotation by size
+    rotate_interval_s: float | None = Field(default=None, gt=0)  # e.g. 86400 for a file a day
+    sinks: list[SinkConfig] = Field(default_factory=list)  # copies to a SIEM: syslog, webhook (docs/audit.md, Sinks)
 
 
 class SecretsConfig(_C):
@@ -98,6 +110,45 @@ class EnforcementConfig(_C):
     report_drops: bool = False
 
 
+class AdminTcpConfig(_C):
+    host: str = "127.0.0.1"  # an IP literal: it is added to the gateway's own addresses (never a destination)
+    port: int = Field(ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _ip_literal(self) -> AdminTcpConfig:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(f"admin tcp host {self.host!r} must be an IP address, not a name") from None
+        return self
+
+
+class AdminTlsConfig(_C):
+    """mTLS: the admin API's certificate and key, and the CA its clients' certificates must chain to."""
+
+    cert: str
+    key: str
+    client_ca: str
+
+
+class AdminConfig(_C):
+    """The admin API (docs/admin-api.md): a Unix socket (0600) by default; TCP needs a token file or mTLS."""
+
+    enabled: bool = True
+    unix_socket: str | None = None  # default <state_dir>/admin.sock when there is no 'tcp'
+    tcp: AdminTcpConfig | None = None
+    token_file: str | None = None  # bearer token for TCP; the file must not be group/world readable
+    tls: AdminTlsConfig | None = None
+
+    @model_validator(mode="after")
+    def _auth(self) -> AdminConfig:
+        if self.tcp is not None and self.token_file is None and self.tls is None:
+            raise ValueError("admin 'tcp' needs 'token_file' or 'tls' (client certificates): it is never open")
+        if self.tcp is None and (self.token_file is not None or self.tls is not None):
+            raise ValueError("admin 'token_file' and 'tls' apply to 'tcp' only")
+        return self
+
+
 class GatewayConfig(_C):
     version: Literal[1] = 1
     mode: Literal["explicit", "transparent"] = "explicit"
@@ -111,6 +162,7 @@ class GatewayConfig(_C):
     secrets: SecretsConfig | None = None
     dns: DnsConfig | None = None
     enforcement: EnforcementConfig = EnforcementConfig()
+    admin: AdminConfig = AdminConfig()
     # Addresses of the gateway itself (besides the listen address): refused as destinations.
     gateway_addresses: list[str] = Field(default_factory=list)
 
@@ -127,9 +179,22 @@ class GatewayConfig(_C):
     def audit_path(self) -> str:
         return self.audit.path or os.path.join(self.state_dir, "audit.jsonl")
 
+    @property
+    def audit_signing_key(self) -> str:
+        return self.audit.signing_key or os.path.join(self.state_dir, "audit-signing-key.pem")
+
+    @property
+    def admin_socket(self) -> str | None:
+        """The admin API's Unix socket path, or None when it serves TCP only (or is disabled)."""
+        if not self.admin.enabled or (self.admin.tcp is not None and self.admin.unix_socket is None):
+            return None
+        return self.admin.unix_socket or os.path.join(self.state_dir, "admin.sock")
+
     def own_addresses(self) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         addrs = {ipaddress.ip_address(a) for a in self.gateway_addresses}
         hosts = [self.listen.host] + ([self.dns.listen.host] if self.dns is not None else [])
+        if self.admin.enabled and self.admin.tcp is not None:
+            hosts.append(self.admin.tcp.host)  # so no rule can make the admin API a sandbox's destination
         for host in hosts:
             try:
                 listen = ipaddress.ip_address(host)
@@ -141,7 +206,8 @@ class GatewayConfig(_C):
 
     def own_ports(self) -> frozenset[int]:
         """Ports the gateway itself listens on (proxy, DNS): its own addresses on them are never a destination."""
-        return frozenset({self.listen.port} | ({self.dns.listen.port} if self.dns is not None else set()))
+        admin = {self.admin.tcp.port} if self.admin.enabled and self.admin.tcp is not None else set()
+        return frozenset({self.listen.port} | ({self.dns.listen.port} if self.dns is not None else set()) | admin)
 
 
 def _rebase(cfg: GatewayConfig, base: str) -> GatewayConfig:
@@ -154,8 +220,27 @@ def _rebase(cfg: GatewayConfig, base: str) -> GatewayConfig:
             "state_dir": rel(cfg.state_dir),
             "ca": None if cfg.ca is None else CAConfig(cert=rel(cfg.ca.cert) or "", key=rel(cfg.ca.key) or ""),
             "upstream_ca": rel(cfg.upstream_ca),
-            "audit": AuditConfig(path=rel(cfg.audit.path)),
+            "audit": cfg.audit.model_copy(
+                update={
+                    "path": rel(cfg.audit.path),
+                    "signing_key": rel(cfg.audit.signing_key),
+                    "sinks": rebase_sinks(cfg.audit.sinks, rel),
+                }
+            ),
             "secrets": None if cfg.secrets is None else _rebase_secrets(cfg.secrets, rel),
+            "admin": cfg.admin.model_copy(
+                update={
+                    "unix_socket": rel(cfg.admin.unix_socket),
+                    "token_file": rel(cfg.admin.token_file),
+                    "tls": None
+                    if cfg.admin.tls is None
+                    else AdminTlsConfig(
+                        cert=rel(cfg.admin.tls.cert) or "",
+                        key=rel(cfg.admin.tls.key) or "",
+                        client_ca=rel(cfg.admin.tls.client_ca) or "",
+                    ),
+                }
+            ),
         }
     )
 

@@ -13,13 +13,14 @@ import contextlib
 import logging
 
 from .audit import AuditLog
+from .metrics import GatewayMetrics
 
 __all__ = ["report_drops"]
 
 log = logging.getLogger("cube_egress.enforcement")
 
 
-async def report_drops(audit: AuditLog, retry_s: float = 2.0) -> None:
+async def report_drops(audit: AuditLog, retry_s: float = 2.0, metrics: GatewayMetrics | None = None) -> None:
     """Run until cancelled. Waits for the guard to be attached in this namespace (a sandbox may come later)."""
     import ebpf  # imported here: the gateway runs without bcc where no kernel enforcement is configured
     from ebpf.enforcer import Enforcer
@@ -43,4 +44,6 @@ async def report_drops(audit: AuditLog, retry_s: float = 2.0) -> None:
         log.info("reporting kernel drops as packet_dropped audit events")
         with contextlib.closing(reader):
             async for event in reader:
+                if metrics is not None:
+                    metrics.count_kernel_drop(event.reason)  # every drop; the audit folds repeats per window
                 reporter.feed(event)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -22,12 +23,15 @@ from mitmproxy.certs import CertStore
 from mitmproxy.master import Master
 
 from .addon import EgressAddon, GatewayState
-from .audit import AuditLog
+from .admin import AdminServer, AdminStartError
+from .audit import AuditLog, make_sinks
 from .config import GatewayConfig
 from .credentials import CredentialBroker
 from .dns import DnsServer
 from .enforcement import report_drops
-from .policies import CompiledPolicy, PolicyError, load_policy
+from .metrics import GatewayMetrics
+from .policies import CompiledPolicy, SandboxDTO
+from .registry import PolicyRegistry, ReloadResult
 from .resolver import Resolver
 
 __all__ = ["Gateway", "GatewayStartError", "ensure_ca"]
@@ -92,24 +96,45 @@ def _upstream_bundle(config: GatewayConfig) -> str:
     return str(bundle)
 
 
+def _open_audit(config: GatewayConfig) -> AuditLog:
+    a = config.audit
+    return AuditLog(
+        config.audit_path,
+        durability=a.durability,
+        signing_key=config.audit_signing_key,
+        checkpoint_records=a.checkpoint_records,
+        checkpoint_interval_s=a.checkpoint_interval_s,
+        rotate_bytes=a.rotate_bytes,
+        rotate_interval_s=a.rotate_interval_s,
+        batch_ms=a.batch_ms,
+        sinks=make_sinks(a.sinks, config.state_dir),  # syslog / webhook copies (gateway/audit/_sinks.py)
+    )
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig, policy: CompiledPolicy | None = None) -> None:
         self.config = config
         os.makedirs(config.state_dir, exist_ok=True)
         self.confdir = ensure_ca(config)
         self.ca_cert_path = str(self.confdir / f"{CA_BASENAME}-ca-cert.pem")
-        self.audit = AuditLog(config.audit_path)
+        self.audit = _open_audit(config)
+        self.metrics = GatewayMetrics()
+        self.audit.subscribe(self.metrics.observe_audit_record)
+        # The file policy plus run-time sandbox registrations (admin API, VM runtime), persisted in the state dir.
+        self.policies = PolicyRegistry(config.policy_files, config.state_dir, self.metrics, self._publish, policy)
         own = config.own_addresses()
         resolver = Resolver(config.resolver)
         self.broker = CredentialBroker(config.secrets, config.state_dir, _upstream_bundle(config), resolver)
+        self.broker.store.on_error = self.metrics.count_secret_error
         self.state = GatewayState(
-            policy=policy or load_policy(config.policy_files()),
+            policy=self.policies.policy,
             resolver=resolver,
             audit=self.audit,
             transparent=config.mode == "transparent",
             gateway_addresses=own,
             gateway_ports=config.own_ports(),
             broker=self.broker,
+            metrics=self.metrics,
         )
         self.addon = EgressAddon(self.state)
         self.dns: DnsServer | None = None
@@ -126,22 +151,49 @@ class Gateway:
             )
         self.master: Master | None = None
         self.ready = asyncio.Event()
+        # Checks the admin credentials now (a token file others can read refuses the start); listens in run().
+        self.admin = AdminServer(self, config) if config.admin.enabled else None
 
-    def reload_policy(self) -> bool:
-        """Load the policy files again and swap them in whole; a broken file keeps the old policy."""
-        try:
-            new = load_policy(self.config.policy_files())
-        except PolicyError as e:
-            log.error("policy reload failed, keeping %s:\n%s", self.state.policy.policy_hash[:12], e)
-            return False
-        self.state.policy = new
-        log.info("policy reloaded: %s (%d rules)", new.policy_hash[:12], new.rule_count)
-        return True
+    def _publish(self, policy: CompiledPolicy) -> None:
+        self.state.policy = policy  # one assignment: the addon and DNS read it per connection/query
+
+    def reload_policy(self) -> ReloadResult:
+        """Load the policy files again and swap them in whole, with the registered sandboxes re-applied; a broken
+        file keeps the old policy. The result lists every error (SIGHUP ignores it; the admin API answers it)."""
+        return self.policies.reload()
+
+    def add_sandbox(self, spec: SandboxDTO, where: str = "registration") -> bool:
+        """Register (or replace) a run-time sandbox; True when new. Raises PolicyError (SandboxConflict for a clash
+        with another sandbox) listing every problem; then nothing changed. Thread-safe."""
+        created = self.policies.register(spec, where)
+        self.register_sandbox(spec.id)  # it may lease dynamic secrets (again)
+        return created
+
+    async def remove_sandbox(self, sandbox_id: str) -> int:
+        """Unregister a run-time sandbox and revoke its dynamic-secret leases (returns how many). Raises LookupError
+        when no registration has this id (a policy file's sandbox is removed by editing the file)."""
+        if not self.policies.unregister(sandbox_id):
+            raise LookupError(sandbox_id)
+        return await self.unregister_sandbox(sandbox_id)
 
     def _options(self) -> options.Options:
         return options.Options()
 
     async def run(self) -> None:
+        # The admin API listens first (before mitmproxy's Master exists, which installs process-wide log handlers
+        # that only its own run() removes), and stops last.
+        if self.admin is not None:
+            try:
+                await self.admin.start()
+            except AdminStartError as e:
+                raise GatewayStartError(str(e)) from e
+        try:
+            await self._serve()
+        finally:
+            if self.admin is not None:
+                await self.admin.stop()
+
+    async def _serve(self) -> None:
         opts = self._options()
         master = Master(opts, event_loop=asyncio.get_running_loop(), with_termlog=False)
         master.addons.add(
@@ -174,7 +226,7 @@ class Gateway:
         run: asyncio.Future[None] | None = None
         drops: asyncio.Task[None] | None = None
         if self.config.enforcement.report_drops:
-            drops = asyncio.create_task(report_drops(self.audit), name="kernel-drop-reports")
+            drops = asyncio.create_task(report_drops(self.audit, metrics=self.metrics), name="kernel-drop-reports")
         try:
             if self.dns is not None:
                 try:
@@ -196,7 +248,12 @@ class Gateway:
                 drops.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await drops
-            await self.broker.close()
+            try:
+                await self.broker.close()
+            finally:
+                # Last, after every flow: this writes the checkpoint that marks a clean shutdown.
+                self.audit.close()
+                log.info("audit log closed: %s", json.dumps(self.audit.stats(), sort_keys=True))
 
     async def _wait_listening(self, run: asyncio.Future[None]) -> None:
         """Return once the proxy listens; raise GatewayStartError if it cannot (mitmproxy itself would only log
@@ -229,7 +286,9 @@ class Gateway:
         return out
 
     async def unregister_sandbox(self, sandbox_id: str) -> int:
-        """Revoke the sandbox's dynamic-secret leases (returns how many); it gets no new ones until registered."""
+        """Revoke the sandbox's dynamic-secret leases (returns how many); it gets no new ones until registered.
+        Its usage-limit session ends too: its byte budgets start again at its next registration."""
+        self.state.meter.end_session(sandbox_id)
         return await self.broker.store.unregister(sandbox_id)
 
     def register_sandbox(self, sandbox_id: str) -> None:
@@ -237,5 +296,6 @@ class Gateway:
 
     def shutdown(self) -> None:
         if self.master is not None:
-            self.master.shutdown()
-        self.audit.close()
+            self.master.shutdown()  # run() closes the audit log once the last flow is done
+        else:
+            self.audit.close()

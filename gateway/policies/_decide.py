@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ._addresses import AddressClass, IPAddress, classify_address
 from ._dns import DnsNameError, NameFault, encoded_data, parse_query_name
 from ._hosts import parse_ip_literal
-from ._model import DEFAULT_PORTS, CredentialRef, Mode, Rule, Sandbox, Scheme, Verdict
+from ._model import DEFAULT_PORTS, CorrelationSpec, CredentialRef, Mode, Rule, Sandbox, Scheme, UsageLimit, Verdict
 
 __all__ = [
     "AddressCheck",
@@ -81,6 +81,8 @@ class Reason(enum.StrEnum):
     LABEL_TOO_LONG = "label_too_long"
     HIGH_ENTROPY_LABEL = "high_entropy_label"
     QTYPE_REFUSED = "qtype_refused"
+    # A usage limit of the sandbox or of the credential (`CompiledPolicy.limits_for`, counted by gateway/limits.py)
+    USAGE_LIMIT_EXCEEDED = "usage_limit_exceeded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,8 +277,12 @@ class CompiledPolicy:
         policy_hash: str,
         files: tuple[str, ...] = (),
         credentials: Iterable[CredentialRef] = (),
+        *,
+        shared_indexes: Mapping[tuple[str, ...], _RuleIndex] | None = None,
+        correlation: CorrelationSpec | None = None,
     ) -> None:
         self.policy_hash = policy_hash
+        self.correlation = correlation or CorrelationSpec()
         self.files = files
         self.credentials: dict[str, CredentialRef] = {c.name: c for c in credentials}
         # Placeholder token -> credential name: a placeholder may only appear in requests bound to its credential.
@@ -285,7 +291,8 @@ class CompiledPolicy:
         }
         self.sandboxes: dict[str, Sandbox] = {s.id: s for s in sandboxes}
         self.rules_by_policy: dict[str, tuple[Rule, ...]] = {k: tuple(v) for k, v in rules_by_policy.items()}
-        self._indexes: dict[tuple[str, ...], _RuleIndex] = {}
+        # Indexes are immutable once built; a policy derived with `with_sandboxes` reuses its parent's.
+        self._indexes: dict[tuple[str, ...], _RuleIndex] = dict(shared_indexes or {})
         self._sandbox_index: dict[str, _RuleIndex] = {}
         for sb in self.sandboxes.values():
             index = self._indexes.get(sb.policies)
@@ -311,6 +318,19 @@ class CompiledPolicy:
     @property
     def rule_count(self) -> int:
         return sum(len(r) for r in self.rules_by_policy.values())
+
+    def with_sandboxes(self, extra: Iterable[Sandbox]) -> CompiledPolicy:
+        """This policy plus `extra` sandboxes (registered at run time), sharing the compiled rule indexes and
+        keeping the policy hash (the rules are the same). Validation is the caller's: use `add_sandboxes`."""
+        return CompiledPolicy(
+            (*self.sandboxes.values(), *extra),
+            self.rules_by_policy,
+            self.policy_hash,
+            self.files,
+            self.credentials.values(),
+            shared_indexes=self._indexes,
+            correlation=self.correlation,
+        )
 
     # -- identification -------------------------------------------------------------------------------------
 
@@ -340,6 +360,15 @@ class CompiledPolicy:
             if hmac.compare_digest(digest, expected):
                 found = sandbox_id
         return Identity(found, source) if found else None
+
+    # -- usage limits ---------------------------------------------------------------------------------------
+
+    def limits_for(self, sandbox_id: str | None, credential: CredentialRef | None) -> tuple[UsageLimit, ...]:
+        """The usage limits a request of this sandbox, carrying this credential, counts against: the sandbox's own,
+        then the credential's. The caller counts (the core keeps no state)."""
+        sandbox = self.sandboxes.get(sandbox_id) if sandbox_id is not None else None
+        found = [sandbox.limits if sandbox is not None else None, credential.limits if credential else None]
+        return tuple(limit for limit in found if limit is not None)
 
     # -- decisions ------------------------------------------------------------------------------------------
 
@@ -407,6 +436,23 @@ class CompiledPolicy:
         method, path, headers = facts.method, facts.path, facts.headers
         matched = [r for r in plan.conditional if r.matches_request(method, path, headers)]
         return self._resolve(sandbox, [*plan.unconditional, *matched])
+
+    def depends_on_headers(self, identity: Identity | None, facts: RequestFacts, ignore: Iterable[str] = ()) -> bool:
+        """Could the request's headers change its decision? True when a rule with header conditions (other than on
+        the headers in `ignore`) covers the destination and matches the method and path. Replay uses it: audit
+        records do not carry headers."""
+        sandbox = self.sandboxes.get(identity.sandbox_id) if identity is not None else None
+        if sandbox is None or facts.method is None or facts.path is None:
+            return False
+        skip = {h.lower() for h in ignore}
+        plan = self._plan(sandbox, facts.host, facts.scheme, facts.port)
+        bare = facts.path.split("?", 1)[0]
+        return any(
+            any(h.name not in skip for h in r.headers)
+            and (r.methods is None or facts.method in r.methods)
+            and (r.paths is None or any(p.matches(bare) for p in r.paths))
+            for r in plan.conditional
+        )
 
     def _resolve(self, sandbox: Sandbox, matched: Iterable[Rule]) -> Decision:
         enforced_deny = report_deny = allow = None

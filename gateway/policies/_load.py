@@ -7,11 +7,12 @@ raised together in one PolicyError, so an author fixes a file in one pass instea
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,12 @@ import pydantic
 from ._decide import CompiledPolicy, path_is_ambiguous
 from ._hosts import HostError, HostPattern
 from ._model import (
+    CorrelationSpec,
     CredentialRef,
     HeaderCondition,
     IPNetwork,
+    LimitScope,
+    LimitSubject,
     Mode,
     PathMatcher,
     PortSet,
@@ -31,15 +35,37 @@ from ._model import (
     Sandbox,
     Scheme,
     SecretRef,
+    UsageLimit,
     Verdict,
 )
-from ._schema import PolicyFileDTO, RuleDTO
+from ._schema import CredentialLimitDTO, LimitDTO, PolicyFileDTO, RuleDTO, SandboxDTO
 from ._yaml import Located, PathKey, Position, YamlLoadError, load_yaml
 
-__all__ = ["PolicyError", "PolicyIssue", "load_policy"]
+__all__ = ["PolicyError", "PolicyIssue", "SandboxConflict", "add_sandboxes", "load_policy"]
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Correlation headers are stripped before upstream: none of these may be one (they frame the request, name the
+# destination or carry credentials).
+_NOT_CORRELATION = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "proxy-authorization",
+        "proxy-connection",
+        "authorization",
+        "cookie",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +191,14 @@ def _allowed_keys(value: Any, parent: PathKey) -> list[str]:
         return _KEYS_BY_SECTION["rule"]
     if parent[0] == "sandboxes" and len(parent) == 2:
         return sorted(SandboxDTO.model_fields)
+    if parent[0] == "sandboxes" and len(parent) == 3 and parent[2] == "limits":
+        return sorted(LimitDTO.model_fields)
+    if parent[0] == "credentials" and len(parent) == 3 and parent[2] == "limits":
+        return sorted(CredentialLimitDTO.model_fields)
+    if parent == ("correlation",):
+        from ._schema import CorrelationDTO
+
+        return sorted(CorrelationDTO.model_fields)
     if parent[0] == "credentials" and len(parent) == 2:
         return sorted(CredentialDTO.model_fields)
     if parent[0] == "credentials" and len(parent) == 3 and parent[2] == "injector":
@@ -395,6 +429,87 @@ def _compile_rule(
     )
 
 
+def _compile_limit(
+    dto: LimitDTO | None, subject: LimitSubject, name: str, where: PathKey, at: Callable[[PathKey], Position], ctx: _Ctx
+) -> UsageLimit | None:
+    """`at` maps a path in the document to its position (a file's `doc.at`; one fixed place for registrations)."""
+    if dto is None:
+        return None
+    pos = at(where)
+    if dto.requests_per_minute is None and dto.bytes_per_session is None:
+        ctx.error(
+            pos,
+            f"the limits of {subject} {name!r} set nothing",
+            hint="give 'requests_per_minute', 'bytes_per_session' or both",
+        )
+        return None
+    scope = dto.scope if isinstance(dto, CredentialLimitDTO) else "sandbox"
+    if scope == "global" and dto.bytes_per_session is not None:
+        ctx.error(
+            at((*where, "bytes_per_session")),
+            f"'bytes_per_session' counts one sandbox's session; credential {name!r} has a global limit",
+            hint="add 'scope: sandbox' (a budget per sandbox), or keep only 'requests_per_minute'",
+        )
+        return None
+    return UsageLimit(
+        subject=subject,
+        name=name,
+        scope=LimitScope(scope),
+        requests_per_minute=dto.requests_per_minute,
+        bytes_per_session=dto.bytes_per_session,
+        mode=Mode(dto.mode),
+        position=pos,
+    )
+
+
+def _fixed(pos: Position, _path: PathKey) -> Position:
+    """A registration has one position for all of it."""
+    return pos
+
+
+def _compile_correlation(files: list[_File], credentials: dict[str, CredentialRef], ctx: _Ctx) -> CorrelationSpec:
+    """The one `correlation:` section of a policy set (at most one file may have it)."""
+    first: Position | None = None
+    spec = CorrelationSpec()
+    for f in files:
+        dto = f.dto.correlation
+        if dto is None:
+            continue
+        pos = f.doc.key_at(("correlation",))
+        duplicate = first is not None
+        if first is not None:
+            # Reported; its headers are still checked so their errors come out in the same run.
+            ctx.error(pos, f"'correlation' is defined twice (first at {first})", hint="keep one section")
+        else:
+            first = pos
+        injected = {
+            str(getattr(c.injector, "header", "")).lower(): c.name
+            for c in credentials.values()
+            if c.injector.kind == "header"
+        }
+        names: list[str] = []
+        for i, header in enumerate(dto.headers):
+            hpos = f.doc.at(("correlation", "headers", i))
+            key = header.lower()
+            if not _HEADER_NAME.match(header):
+                ctx.error(hpos, f"{header!r} is not a valid header name", hint="e.g. 'X-Agent-Run-Id'")
+            elif key in _NOT_CORRELATION:
+                ctx.error(
+                    hpos,
+                    f"{header!r} cannot be a correlation header: it would be stripped before upstream",
+                    hint="use a header of your own, e.g. 'X-Agent-Run-Id'",
+                )
+            elif key in injected:
+                ctx.error(hpos, f"{header!r} is the header credential {injected[key]!r} injects")
+            elif key in names:
+                ctx.error(hpos, f"correlation header {header!r} is listed twice")
+            else:
+                names.append(key)
+        if not duplicate:
+            spec = CorrelationSpec(tuple(names), dto.max_length)
+    return spec
+
+
 def _overlaps(a: IPNetwork, b: IPNetwork) -> bool:
     return a.version == b.version and a.overlaps(b)
 
@@ -405,6 +520,8 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
     for f in files:
         for name, c in f.dto.credentials.items():
             pos = f.doc.key_at(("credentials", name))
+            where_limits: PathKey = ("credentials", name, "limits")
+            limits = _compile_limit(c.limits, LimitSubject.CREDENTIAL, name, where_limits, f.doc.at, ctx)
             if name in credentials:
                 ctx.error(pos, f"credential {name!r} is defined twice (first at {cred_pos[name]})")
                 continue
@@ -432,7 +549,7 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
                         f"placeholder {placeholder!r} is already used by credential {clash!r}",
                         hint="each credential needs its own placeholder",
                     )
-            credentials[name] = CredentialRef(name=name, secret=c.secret, injector=c.injector)
+            credentials[name] = CredentialRef(name=name, secret=c.secret, injector=c.injector, limits=limits)
             cred_pos[name] = pos
 
     rules_by_policy: dict[str, list[Rule]] = {}
@@ -497,6 +614,7 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
                     sources.append(ipaddress.ip_network(src, strict=True))
                 except ValueError as e:
                     ctx.error(f.doc.at((*where, "sources", j)), f"{src!r} is not a CIDR: {e}")
+            limits = _compile_limit(s.limits, LimitSubject.SANDBOX, s.id, (*where, "limits"), f.doc.at, ctx)
             if duplicate:
                 continue
             sandboxes.append(
@@ -508,6 +626,7 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
                     policies=tuple(s.policies),
                     default_mode=Mode(s.default_mode),
                     position=pos,
+                    limits=limits,
                 )
             )
     for i, a in enumerate(sandboxes):
@@ -529,13 +648,19 @@ def _compile(files: list[_File], ctx: _Ctx) -> CompiledPolicy | None:
                 PolicyIssue(cred_pos[name], f"credential {name!r} is not used by any rule", severity="warning")
             )
 
+    correlation = _compile_correlation(files, credentials, ctx)
     if any(i.severity == "error" for i in ctx.issues):
         return None
     digest = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.path):
         digest.update(orjson.dumps(f.doc.value, option=orjson.OPT_SORT_KEYS))
     return CompiledPolicy(
-        sandboxes, rules_by_policy, digest.hexdigest(), tuple(f.path for f in files), credentials.values()
+        sandboxes,
+        rules_by_policy,
+        digest.hexdigest(),
+        tuple(f.path for f in files),
+        credentials.values(),
+        correlation=correlation,
     )
 
 
@@ -553,3 +678,81 @@ def load_policy(paths: Iterable[str], *, warnings: list[PolicyIssue] | None = No
     if errors or compiled is None:
         raise PolicyError(errors or [PolicyIssue(Position(paths[0], 1, 1), "no policy could be loaded")])
     return compiled
+
+
+class SandboxConflict(PolicyError):
+    """A sandbox registration clashes with another sandbox (same id, overlapping sources or a shared token)."""
+
+
+def add_sandboxes(policy: CompiledPolicy, extra: Sequence[tuple[SandboxDTO, Position]]) -> CompiledPolicy:
+    """`policy` plus sandboxes registered at run time, each judged by the same checks as one in a policy file
+    (unknown policy names, bad CIDRs, no way to recognise it, overlaps and shared tokens with any other sandbox).
+
+    A registration can never replace a sandbox of the policy files. Raises PolicyError listing every problem, or
+    its subclass SandboxConflict when one of them is a clash with another sandbox. Pure: nothing is reparsed.
+    """
+    ctx = _Ctx()
+    conflicts = 0
+    added: list[Sandbox] = []
+    seen: dict[str, Position] = {}
+    for dto, pos in extra:
+        where = f"sandbox {dto.id!r}"
+        if dto.id in policy.sandboxes:
+            ctx.error(
+                pos,
+                f"{where} is defined in a policy file ({policy.sandboxes[dto.id].position})",
+                hint="a registration cannot replace a sandbox of the policy files; choose another id",
+            )
+            conflicts += 1
+        if dto.id in seen:
+            ctx.error(pos, f"{where} is registered twice (first at {seen[dto.id]})")
+            conflicts += 1
+        seen.setdefault(dto.id, pos)
+        for pname in dto.policies:
+            if pname not in policy.rules_by_policy:
+                close = difflib.get_close_matches(pname, list(policy.rules_by_policy), n=1)
+                ctx.error(
+                    pos,
+                    f"{where} names unknown policy {pname!r}",
+                    hint=f"did you mean {close[0]!r}?" if close else "it must be defined in a policy file",
+                )
+        if not dto.sources and not dto.token_sha256:
+            ctx.error(pos, f"{where} has no 'sources' and no token", hint="the gateway could never recognise it")
+        sources: list[IPNetwork] = []
+        for src in dto.sources:
+            try:
+                sources.append(ipaddress.ip_network(src, strict=True))
+            except ValueError as e:
+                ctx.error(pos, f"{where}: {src!r} is not a CIDR: {e}")
+        added.append(
+            Sandbox(
+                id=dto.id,
+                labels=tuple(sorted(dto.labels.items())),
+                sources=tuple(sources),
+                token_sha256=dto.token_sha256,
+                policies=tuple(dto.policies),
+                default_mode=Mode(dto.default_mode),
+                position=pos,
+                limits=_compile_limit(
+                    dto.limits, LimitSubject.SANDBOX, dto.id, (), functools.partial(_fixed, pos), ctx
+                ),
+            )
+        )
+    existing = list(policy.sandboxes.values())
+    for i, b in enumerate(added):
+        for a in existing + added[:i]:
+            for na in a.sources:
+                for nb in b.sources:
+                    if _overlaps(na, nb):
+                        conflicts += 1
+                        ctx.error(
+                            b.position,
+                            f"sources of sandboxes {a.id!r} ({na}, at {a.position}) and {b.id!r} ({nb}) overlap",
+                            hint="a source address must identify exactly one sandbox",
+                        )
+            if a.token_sha256 and a.token_sha256 == b.token_sha256:
+                conflicts += 1
+                ctx.error(b.position, f"sandboxes {a.id!r} and {b.id!r} share a proxy token")
+    if ctx.issues:
+        raise (SandboxConflict if conflicts else PolicyError)(ctx.issues)
+    return policy.with_sandboxes(added)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..injectors import InjectorParams
@@ -12,10 +13,14 @@ from ._hosts import HostPattern
 from ._yaml import Position
 
 __all__ = [
+    "CORRELATION_INVALID",
     "DEFAULT_PORTS",
+    "CorrelationSpec",
     "CredentialRef",
     "HeaderCondition",
     "IPNetwork",
+    "LimitScope",
+    "LimitSubject",
     "Mode",
     "PathMatcher",
     "PortSet",
@@ -23,6 +28,7 @@ __all__ = [
     "Sandbox",
     "Scheme",
     "SecretRef",
+    "UsageLimit",
     "Verdict",
 ]
 
@@ -141,6 +147,64 @@ class SecretRef:
         return ("dynamic:" if self.dynamic else "") + self.path + (f"#{self.field}" if self.field else "")
 
 
+class LimitSubject(enum.StrEnum):
+    SANDBOX = "sandbox"
+    CREDENTIAL = "credential"
+
+
+class LimitScope(enum.StrEnum):
+    """Whose budget a credential limit is: one shared by every sandbox using it, or one per sandbox."""
+
+    GLOBAL = "global"
+    SANDBOX = "sandbox"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLimit:
+    """A usage limit as the policy states it. The counting is stateful and lives outside the core
+    (`gateway/limits.py`); counters are keyed by names (`meter_key`), so they survive a policy reload."""
+
+    subject: LimitSubject
+    name: str  # the sandbox id or the credential name
+    scope: LimitScope  # always SANDBOX for a sandbox's own limits
+    requests_per_minute: int | None
+    bytes_per_session: int | None
+    mode: Mode
+    position: Position = field(compare=False)
+
+    def meter_key(self, sandbox_id: str) -> tuple[str, str, str]:
+        if self.subject is LimitSubject.SANDBOX:
+            return (LimitSubject.SANDBOX.value, self.name, "")
+        return (LimitSubject.CREDENTIAL.value, self.name, "*" if self.scope is LimitScope.GLOBAL else sandbox_id)
+
+
+CORRELATION_INVALID = "<invalid>"
+"""What a record shows for a correlation header whose value is not short printable ASCII, or that is repeated."""
+
+
+@dataclass(frozen=True, slots=True)
+class CorrelationSpec:
+    """Which request headers carry agent correlation ids (lower case) and how long their values may be."""
+
+    headers: tuple[str, ...] = ()
+    max_length: int = 128
+
+    def extract(self, headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+        """The correlation values of a request, by lower-case header name. A value that is too long, empty, not
+        printable ASCII or sent twice becomes CORRELATION_INVALID: records stay small and parseable, and nothing
+        the sandbox smuggles into these headers reaches the audit log."""
+        if not self.headers:
+            return {}
+        found: dict[str, str] = {}
+        for name, value in headers:
+            key = name.lower()
+            if key not in self.headers:
+                continue
+            ok = 0 < len(value) <= self.max_length and all(" " <= c <= "~" for c in value)
+            found[key] = CORRELATION_INVALID if key in found or not ok else value
+        return found
+
+
 @dataclass(frozen=True, slots=True)
 class CredentialRef:
     """What a rule says to inject: a named secret (a reference, never a value) and how it enters the request."""
@@ -148,6 +212,7 @@ class CredentialRef:
     name: str
     secret: str
     injector: InjectorParams
+    limits: UsageLimit | None = None
 
     @property
     def kind(self) -> str:
@@ -204,3 +269,4 @@ class Sandbox:
     policies: tuple[str, ...]
     default_mode: Mode
     position: Position = field(compare=False)
+    limits: UsageLimit | None = None

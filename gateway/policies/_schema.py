@@ -13,7 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..injectors import InjectorParams
 
-__all__ = ["CredentialDTO", "PolicyDTO", "PolicyFileDTO", "RuleDTO", "SandboxDTO"]
+__all__ = [
+    "CorrelationDTO",
+    "CredentialDTO",
+    "CredentialLimitDTO",
+    "LimitDTO",
+    "PolicyDTO",
+    "PolicyFileDTO",
+    "RuleDTO",
+    "SandboxDTO",
+]
 
 
 class _DTO(BaseModel):
@@ -41,6 +50,26 @@ class PolicyDTO(_DTO):
     rules: list[RuleDTO]
 
 
+class LimitDTO(_DTO):
+    """Usage limits of a sandbox (or of a credential, below). Strict integers: `"100"` or `1.5` are errors."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1, strict=True)
+    bytes_per_session: int | None = Field(default=None, ge=1, strict=True)
+    mode: Literal["enforce", "report"] = "enforce"
+
+
+class CredentialLimitDTO(LimitDTO):
+    # global: one budget shared by every sandbox using the credential; sandbox: each sandbox its own.
+    scope: Literal["global", "sandbox"] = "global"
+
+
+class CorrelationDTO(_DTO):
+    """Agent correlation headers: copied into every audit record of a request and stripped before upstream."""
+
+    headers: list[str] = Field(min_length=1)
+    max_length: int = Field(default=128, ge=1, le=1024, strict=True)
+
+
 class SandboxDTO(_DTO):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
     labels: dict[str, str] = Field(default_factory=dict)
@@ -48,12 +77,14 @@ class SandboxDTO(_DTO):
     token_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     policies: list[str] = Field(min_length=1)
     default_mode: Literal["enforce", "report"] = "enforce"
+    limits: LimitDTO | None = None
 
 
 class CredentialDTO(_DTO):
     secret: str = Field(min_length=1)
     injector: InjectorParams
     description: str | None = None
+    limits: CredentialLimitDTO | None = None
 
 
 class PolicyFileDTO(_DTO):
@@ -62,3 +93,4 @@ class PolicyFileDTO(_DTO):
     credentials: dict[str, CredentialDTO] = Field(default_factory=dict)
     policies: dict[str, PolicyDTO] = Field(default_factory=dict)
     sandboxes: list[SandboxDTO] = Field(default_factory=list)
+    correlation: CorrelationDTO | None = None

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._backends import Fetched, SecretBackend, SecretRef
@@ -71,6 +72,12 @@ class SecretStore:
         self._down_until: dict[SecretRef, float] = {}
         self.outage_backoff_s = 1.0
         self.stats = _Stats()
+        # Told of every backend failure as (backend kind, error kind): the gateway counts them in its metrics.
+        self.on_error: Callable[[str, str], None] | None = None
+
+    def _failed(self, kind: str) -> None:
+        if self.on_error is not None:
+            self.on_error(getattr(self.backend, "kind", "unknown"), kind)
 
     # -- request path ---------------------------------------------------------------------------------------------
 
@@ -153,10 +160,13 @@ class SecretStore:
         try:
             result: Fetched = await call  # type: ignore[misc]
         except SecretNotFound:
+            self._failed("not_found")
             raise
         except SecretError:
+            self._failed("unavailable")
             raise
         except Exception as e:  # a backend bug must not leak details or crash the hook: fail closed
+            self._failed("internal")
             raise SecretUnavailable(f"secret backend error ({type(e).__name__})") from None
         return result
 
@@ -185,6 +195,7 @@ class SecretStore:
         try:
             await self.backend.revoke(lease_id)
         except SecretError as e:
+            self._failed("revoke")
             log.warning("could not revoke lease %s: %s", lease_id.rsplit("/", 1)[-1], e)
             return False
         self.stats.leases_revoked += 1
@@ -243,6 +254,7 @@ class SecretStore:
                 try:
                     duration = await self.backend.renew(entry.lease_id, int(entry.duration) or 60)
                 except SecretError as e:
+                    self._failed("renew")
                     entry.failures += 1
                     entry.refresh_at = now + min(5.0 * entry.failures, 30.0)
                     log.warning("renewing the lease of %s for %s failed: %s", key[1], key[0], e)
