@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import secrets as pysecrets
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,9 @@ class _OAuth2Tokens:
         self._tokens: dict[str, _Token] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._refreshing: dict[str, asyncio.Task[_Token]] = {}
-        self._client = httpx.AsyncClient(verify=trust, timeout=10.0, follow_redirects=False, trust_env=False)
+        # httpx wants an SSLContext for a CA file (a path is deprecated); True keeps its default verification.
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=trust) if isinstance(trust, str) else trust
+        self._client = httpx.AsyncClient(verify=verify, timeout=10.0, follow_redirects=False, trust_env=False)
         self.fetches = 0
 
     async def token(self, cred: CredentialRef, params: OAuth2ClientCredentialsParams, sandbox_id: str) -> SecretValue:
