@@ -11,6 +11,10 @@ APT_PACKAGES=(
   postgresql                                             # dynamic DB credentials tests (tests/support/postgres.py)
   python3-bpfcc bpfcc-tools bpftool                      # kernel enforcement (ebpf/): bcc compiles, bpftool inspects
   "linux-headers-$(dpkg --print-architecture)"           # headers bcc compiles against (linked below)
+  qemu-system-x86 qemu-utils linux-image-cloud-amd64     # microVM sandboxes (hypervisor/): QEMU, qcow2, guest kernel
+  busybox-static gcc libc6-dev libjansson-dev            # guest image: userland, and the static guest agent build
+  e2fsprogs cpio                                         # guest root disks (mkfs.ext4 -d); cpio lists initramfs in tests
+  "$(. /etc/os-release; [ "${VERSION_CODENAME:-}" = bookworm ] && echo libarchive13 || echo libarchive13t64)"  # -d TAR
 )
 
 missing=()
