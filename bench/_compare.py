@@ -9,8 +9,48 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._common import BenchError, Service, cpu_seconds, percentile, print_table, rnd
+from ._common import (
+    BENCH_PATH,
+    LOOPBACK,
+    UPSTREAM_HOST,
+    BenchError,
+    Service,
+    cpu_count,
+    cpu_seconds,
+    percentile,
+    print_table,
+    rnd,
+)
 from ._load import LoadResult, LoadSpec, probe, run_load
+
+
+def proxied_spec(args: Any, cafile: str, upstream_port: int, proxy_port: int) -> LoadSpec:
+    """The closed-loop HTTPS load every proxy bench runs: the bench host and path through an explicit proxy on
+    loopback, sized by the common command-line options."""
+    return LoadSpec(
+        host=UPSTREAM_HOST,
+        port=upstream_port,
+        path=BENCH_PATH,
+        cafile=cafile,
+        proxy=(LOOPBACK, proxy_port),
+        connections=args.connections,
+        duration=args.duration,
+        warmup=args.warmup_s,
+        procs=args.client_procs,
+    )
+
+
+def run_header(name: str, args: Any) -> dict[str, Any]:
+    """The first fields of a proxy bench's results: what ran and on how many CPUs."""
+    return {
+        "bench": name,
+        "rules": args.rules,
+        "connections": args.connections,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup_s,
+        "rounds": args.rounds,
+        "cpus": cpu_count(),
+    }
 
 
 @dataclass

@@ -26,5 +26,5 @@ class DiscardingAuditLog(AuditLog):
 
 
 if __name__ == "__main__":
-    server.AuditLog = DiscardingAuditLog  # type: ignore[misc]  # what server._open_audit constructs
+    server.AuditLog = DiscardingAuditLog  # type: ignore[attr-defined]  # what server._open_audit constructs
     sys.exit(main(sys.argv[1:]))

@@ -26,7 +26,7 @@ from typing import Any
 from gateway.audit import SigningKey, chain_files, verify_files
 
 from . import _compare, _servers
-from ._common import BENCH_PATH, INTERCEPT_CA_ORG, LOOPBACK, UPSTREAM_HOST, Services, cpu_count, make_pki, rnd
+from ._common import BENCH_PATH, INTERCEPT_CA_ORG, UPSTREAM_HOST, Services, cpu_count, make_pki, rnd
 from ._load import LoadSpec
 from .gateway import count_audit
 
@@ -68,17 +68,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
 
         def spec(port: int) -> LoadSpec:
-            return LoadSpec(
-                host=UPSTREAM_HOST,
-                port=nginx.port,
-                path=BENCH_PATH,
-                cafile=str(pki.intercept_ca_cert),
-                proxy=(LOOPBACK, port),
-                connections=args.connections,
-                duration=args.duration,
-                warmup=args.warmup_s,
-                procs=args.client_procs,
-            )
+            return _compare.proxied_spec(args, str(pki.intercept_ca_cert), nginx.port, port)
 
         peers = [_compare.Peer(n, spec(g.port), g.svc, INTERCEPT_CA_ORG) for n, g in gateways.items()]
         print(
@@ -107,15 +97,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     by_name = {p.name: p for p in peers}
     base = by_name["noaudit"]
     _compare.summary(peers, "intercepted HTTPS, keep-alive, by audit durability")
-    out: dict[str, Any] = {
-        "bench": "audit",
-        "rules": args.rules,
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup_s,
-        "rounds": args.rounds,
-        "cpus": cpu_count(),
-    }
+    out: dict[str, Any] = _compare.run_header("audit", args)
     for p in peers:
         out.update(_compare.figures(p))
     print("\naudit figures (whole run, warm-up and preflight included)")

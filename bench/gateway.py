@@ -19,7 +19,6 @@ from . import _compare, _servers
 from ._common import (
     BENCH_PATH,
     INTERCEPT_CA_ORG,
-    LOOPBACK,
     UPSTREAM_HOST,
     Services,
     cpu_count,
@@ -61,17 +60,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         mitm = _servers.start_mitmproxy(services, workdir, pki)
 
         def spec(proxy_port: int) -> LoadSpec:
-            return LoadSpec(
-                host=UPSTREAM_HOST,
-                port=nginx.port,
-                path=BENCH_PATH,
-                cafile=str(pki.intercept_ca_cert),
-                proxy=(LOOPBACK, proxy_port),
-                connections=args.connections,
-                duration=args.duration,
-                warmup=args.warmup_s,
-                procs=args.client_procs,
-            )
+            return _compare.proxied_spec(args, str(pki.intercept_ca_cert), nginx.port, proxy_port)
 
         peers = [
             _compare.Peer("gateway", spec(gateway.port), gateway.svc, INTERCEPT_CA_ORG),
@@ -105,15 +94,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
     verdict = "met" if ok and ratio >= TARGET_RATIO else "MISSED" if ok else "NOT MEASURED (a peer failed)"
     print(f"target: gateway/mitmproxy req/s >= {TARGET_RATIO} (got {ratio:.3f}): {verdict}")
-    out: dict[str, Any] = {
-        "bench": "gateway",
-        "rules": args.rules,
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup_s,
-        "rounds": args.rounds,
-        "cpus": cpu_count(),
-    }
+    out: dict[str, Any] = _compare.run_header("gateway", args)
     out.update(_compare.figures(gw))
     out.update(_compare.figures(base))
     if ok:

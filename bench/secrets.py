@@ -37,7 +37,6 @@ from . import _compare, _policygen, _servers
 from ._common import (
     BENCH_PATH,
     INTERCEPT_CA_ORG,
-    LOOPBACK,
     UPSTREAM_HOST,
     Services,
     cpu_count,
@@ -163,17 +162,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         vault_at_start = bao.audited_requests()[vault_before_start:]
 
         def spec(proxy_port: int, upstream_port: int) -> LoadSpec:
-            return LoadSpec(
-                host=UPSTREAM_HOST,
-                port=upstream_port,
-                path=BENCH_PATH,
-                cafile=str(pki.intercept_ca_cert),
-                proxy=(LOOPBACK, proxy_port),
-                connections=args.connections,
-                duration=args.duration,
-                warmup=args.warmup_s,
-                procs=args.client_procs,
-            )
+            return _compare.proxied_spec(args, str(pki.intercept_ca_cert), upstream_port, proxy_port)
 
         peers = [
             _compare.Peer("plain", spec(plain_gw.port, nginx.port), plain_gw.svc, INTERCEPT_CA_ORG),
@@ -273,16 +262,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         f"<= {TARGET_VAULT_REQUESTS_PER_REQUEST:g} (got {per_request:.6f}): {verdict}"
     )
 
-    out: dict[str, Any] = {
-        "bench": "secrets",
-        "rules": args.rules,
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup_s,
-        "rounds": args.rounds,
-        "cpus": cpu_count(),
-        "cache_ttl_s": CACHE_TTL_S,
-    }
+    out: dict[str, Any] = {**_compare.run_header("secrets", args), "cache_ttl_s": CACHE_TTL_S}
     out.update(_compare.figures(plain))
     out.update(_compare.figures(injected))
     if ok:

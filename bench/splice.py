@@ -118,15 +118,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     spliced_confirmed = spliced.error is None and not leaked and audited == connections
     if spliced.error is None and not spliced_confirmed:
         print(f"WARNING: splice not confirmed by the audit ({audited} spliced connections, {leaked} intercepted)")
-    out: dict[str, Any] = {
-        "bench": "splice",
-        "rules": args.rules,
-        "connections": args.connections,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup_s,
-        "rounds": args.rounds,
-        "cpus": cpu_count(),
-    }
+    out: dict[str, Any] = _compare.run_header("splice", args)
     for p in peers:
         out.update(_compare.figures(p))
     out["ratio_rps_spliced_vs_intercepted"] = rnd(vs_intercepted) if vs_intercepted is not None else None
