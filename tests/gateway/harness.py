@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,6 +96,17 @@ class RunningGateway:
             lines = f.read().splitlines()
         out = [json.loads(line) for line in lines if line.strip()]
         return [r for r in out if all(r.get(k) == v for k, v in match.items())]
+
+    def settled(self, count: int, **match: Any) -> list[dict[str, Any]]:
+        """The matching records once there are `count` of them. A flow's record is written when the gateway has
+        finished the response, which can be just after the client has read it; this waits for it (no timing
+        assert: the deadline only bounds the wait)."""
+        deadline = time.monotonic() + 10
+        found = self.records(**match)
+        while len(found) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+            found = self.records(**match)
+        return found
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""

@@ -5,10 +5,8 @@ is intercepted and for plain HTTP; the headers of an explicit CONNECT label the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -51,18 +49,6 @@ def gateway(request: pytest.FixtureRequest) -> RunningGateway:
     return gw
 
 
-def settled(gw: RunningGateway, count: int, **match: Any) -> list[dict[str, Any]]:
-    """The matching records once there are `count` of them. A flow's record is written when the gateway has
-    finished the response, which can be just after the client has read it; this waits for it (no timing assert:
-    the deadline only bounds the wait)."""
-    deadline = time.monotonic() + 10
-    found = gw.records(**match)
-    while len(found) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-        found = gw.records(**match)
-    return found
-
-
 def _upstream_saw(echo: dict[str, object]) -> set[str]:
     headers = echo["headers"]
     assert isinstance(headers, list)
@@ -79,7 +65,7 @@ def test_correlation_is_recorded_and_never_reaches_the_upstream(
     seen = _upstream_saw(r.json())
     assert "x-agent-run-id" not in seen and "x-agent-tool-call-id" not in seen
     assert "host" in seen  # the echo does list the headers that did arrive
-    (rec,) = settled(gateway, 1, event="decision", host="api.example.test")
+    (rec,) = gateway.settled(1, event="decision", host="api.example.test")
     assert rec["correlation"] == EXPECTED and rec["intercepted"] is True and rec["upstream_status"] == 200
 
 
@@ -118,7 +104,7 @@ def test_an_invalid_value_is_replaced_by_a_marker_and_reported(world: World, gat
     )
     assert r.status == 200, r
     assert "x-agent-run-id" not in _upstream_saw(r.json())
-    (decision,) = settled(gateway, 1, event="decision", host="api.example.test")
+    (decision,) = gateway.settled(1, event="decision", host="api.example.test")
     assert decision["correlation"] == {"x-agent-run-id": "<invalid>", "x-agent-tool-call-id": "call_1"}
     (event,) = gateway.records(event="security", kind="correlation_invalid")
     assert event["sandbox"] == "sb" and "x-agent-run-id" in event["detail"]
@@ -155,7 +141,7 @@ def test_connect_headers_label_the_tunnel_records(world: World, explicit_corr: R
     )
     assert inner.status == 200, inner
     assert not {"x-agent-run-id", "x-agent-tool-call-id"} & _upstream_saw(inner.json())
-    by_host = {r["host"]: r for r in settled(gw, 3, event="decision")}
+    by_host = {r["host"]: r for r in gw.settled(3, event="decision")}
     tunnel = {"x-agent-run-id": "run-tunnel", "x-agent-tool-call-id": "call-tunnel"}
     assert by_host["other.example.test"]["correlation"] == tunnel
     assert by_host["other.example.test"]["intercepted"] is False
@@ -169,5 +155,5 @@ def test_connect_headers_label_the_tunnel_records(world: World, explicit_corr: R
 def test_requests_without_correlation_headers_have_no_correlation_field(world: World, gateway: RunningGateway) -> None:
     r = request(world, "curl", "GET", "https://api.example.test/allowed/plain", gateway=gateway)
     assert r.status == 200
-    (rec,) = settled(gateway, 1, event="decision", host="api.example.test")
+    (rec,) = gateway.settled(1, event="decision", host="api.example.test")
     assert "correlation" not in rec

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -369,18 +368,6 @@ def limited(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield pair
 
 
-def settled(gw: RunningGateway, count: int, **match: Any) -> list[dict[str, Any]]:
-    """The matching records once there are `count` of them. A flow's record is written when the gateway has
-    finished the response, which can be just after the client has read it; this waits for it (no timing assert:
-    the deadline only bounds the wait)."""
-    deadline = time.monotonic() + 10
-    found = gw.records(**match)
-    while len(found) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-        found = gw.records(**match)
-    return found
-
-
 def _as(sandbox: str) -> str:
     return f"agent:{TOKENS[sandbox]}"
 
@@ -421,7 +408,7 @@ def test_over_the_per_minute_limit_is_429_with_reason_and_retry_after(
     assert retry is not None and 1 <= int(retry) <= 61
     again = request(world, "requests", "GET", "https://api.example.test/allowed/5", gateway=gw, proxy_user=_as("rpm"))
     assert again.status == 429 and again.json()["limit"] == "requests_per_minute:sandbox"
-    passed = settled(gw, 3, event="decision", sandbox="rpm", verdict="allow")
+    passed = gw.settled(3, event="decision", sandbox="rpm", verdict="allow")
     assert len(passed) == 3 and passed[-1]["usage"] == {"sandbox": {"requests_per_minute": 3}}
     refused = gw.records(event="decision", sandbox="rpm", reason="usage_limit_exceeded")
     assert [(r["verdict"], r["mode"], r["rule"], r["limit"], r["phase"]) for r in refused] == [
@@ -441,7 +428,7 @@ def test_byte_budget_refuses_before_upstream_and_a_new_session_starts_fresh(
         world, "curl", "POST", "https://api.example.test/echo", gateway=gw, proxy_user=_as("bytes"), data="a" * 1000
     )
     assert first.status == 200 and first.json()["body_len"] == 1000, first
-    (rec,) = settled(gw, 1, event="decision", sandbox="bytes")
+    (rec,) = gw.settled(1, event="decision", sandbox="bytes")
     used = rec["usage"]["sandbox"]["bytes_per_session"]
     assert 1000 < used < 1600  # the body plus the request line and headers as sent
     # Declared too big: refused from its headers, before the body is read.
@@ -496,7 +483,7 @@ def test_a_credential_budget_is_shared_by_the_sandboxes_using_it(
         got.append(r.json())
     # The key arrived (the gateway redacts its echo on the way back) and each sandbox's request was injected.
     assert all([k for k, _ in echo["headers"] if k.lower() == "x-api-key"] for echo in got)
-    injected = settled(gw, 4, event="decision", rule="keyed-api", verdict="allow")
+    injected = gw.settled(4, event="decision", rule="keyed-api", verdict="allow")
     assert [r["sandbox"] for r in injected] == ["agent-a", "agent-b", "agent-a", "agent-b"]
     assert all(r["credential"] == "shared-key" and r["credential_fingerprint"] for r in injected)
     assert injected[-1]["usage"] == {"credential": {"requests_per_minute": 4}}
@@ -536,7 +523,7 @@ def test_report_mode_records_the_would_refusal_and_lets_requests_pass(
         )
         assert r.status == 200, r
         assert r.json()["server"] == "A"
-    recs = settled(gw, 3, event="decision", sandbox="report")
+    recs = gw.settled(3, event="decision", sandbox="report")
     assert [(r["verdict"], r["mode"], r["reason"], r.get("limit")) for r in recs] == [
         ("allow", "enforce", "allowed_by_rule", None),
         ("deny", "report", "usage_limit_exceeded", "requests_per_minute:sandbox"),
@@ -574,7 +561,7 @@ def test_a_spliced_connection_counts_as_one_request(
     )
     # The CONNECT itself is answered 429: no tunnel, no upstream connection.
     assert over.status is None and "429" in over.error, over
-    recs = settled(gw, 2, event="decision", sandbox="splice")
+    recs = gw.settled(2, event="decision", sandbox="splice")
     assert [(r["phase"], r["verdict"], r["reason"], r.get("intercepted")) for r in recs] == [
         ("connection", "allow", "allowed_by_rule", False),
         ("connection", "deny", "usage_limit_exceeded", None),
