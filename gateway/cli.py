@@ -52,12 +52,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 update={"listen": config.listen.model_copy(update={"host": host, "port": int(port)})}
             )
         gateway = Gateway(config)
+    except PolicyError as e:  # before ValueError, which it is: a broken policy is exit 1 like `policy check`
+        _print_issues(e.issues)
+        return 1
     except (ConfigError, OSError, ValueError) as e:
         print(f"cube-egress: {e}", file=sys.stderr)
         return 2
-    except PolicyError as e:
-        _print_issues(e.issues)
-        return 1
     policy = gateway.state.policy
     log = logging.getLogger("cube_egress")
     if config.secrets is not None and config.secrets.backend == "file":
@@ -336,7 +336,7 @@ def _parser() -> argparse.ArgumentParser:
     from .audit.cli import add_parser as add_audit_parser  # audit verify | pubkey (and export)
 
     add_audit_parser(sub)
-    from hypervisor.cli import add_parser as add_hypervisor_parser  # image build (vm, demo later)
+    from hypervisor.cli import add_parser as add_hypervisor_parser  # image build, vm ..., demo
 
     add_hypervisor_parser(sub)
     return p

@@ -186,6 +186,7 @@ class Gateway:
             try:
                 await self.admin.start()
             except AdminStartError as e:
+                self.audit.close()  # nothing was served: end the log with its clean-shutdown checkpoint
                 raise GatewayStartError(str(e)) from e
         try:
             await self._serve()

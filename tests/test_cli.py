@@ -105,6 +105,16 @@ def test_run_rejects_a_broken_config(tmp_path: Path) -> None:
     assert f"{cfg}:3:" in r.stderr and "unknown key" in r.stderr
 
 
+def test_run_refuses_a_broken_policy_with_file_line_col(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text((BROKEN / "bad_cidr.yaml").read_text())
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"version: 1\npolicies: [p.yaml]\nstate_dir: {tmp_path / 'state'}\n")
+    r = cli("run", "--config", str(cfg))
+    assert r.returncode == 1, r.stderr  # like `policy check`: the policy is wrong, not the command
+    assert f"{policy}:" in r.stdout + r.stderr
+
+
 @pytest.mark.netns
 def test_readme_run_command_default(world: World, tmp_path: Path) -> None:
     """README command (1): the embedded default proxies to an allowed local upstream and refuses the rest.
