@@ -40,6 +40,7 @@ __all__ = [
     "delete_tap",
     "random_mac",
     "tap_exists",
+    "tap_up",
 ]
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -284,28 +285,46 @@ def create_tap(name: str, netns: str | None = None) -> None:
         raise VMError(f"cannot create tap {name}{_where(netns)}: {e} (root needed)") from e
 
 
-def configure_tap(name: str, netns: str | None, *, gateway_ip: str, guest_ip: str) -> None:
-    """Give the tap's host side the gateway address (/32), bring it up, route the guest's /32 through it."""
+def configure_tap(name: str, netns: str | None, *, gateway_ip: str) -> None:
+    """Give the tap's host side the gateway address (/32); the link stays down until :func:`tap_up`, so that the
+    hooks (the guard first of all) are in place before a running guest's first frame can arrive."""
 
     def _configure(ipr: Any) -> None:
-        idx = ipr.link_lookup(ifname=name)
-        if not idx:
-            raise VMError(f"tap {name}{_where(netns)} is gone")
-        index = idx[0]
+        index = _tap_index(ipr, name, netns)
         # rp_filter would drop a guest whose source is only routed via its own /32: set loose explicitly.
         with contextlib.suppress(OSError), open(f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "w") as f:
             f.write("2")
         with contextlib.suppress(Exception):  # already there after a restart of the same VM: keep it
             ipr.addr("add", index=index, address=gateway_ip, prefixlen=32)
+
+    _tap_call(name, netns, "configure", _configure)
+
+
+def tap_up(name: str, netns: str | None, *, guest_ip: str) -> None:
+    """Bring the tap up and route the guest's /32 through it (a route needs the link up)."""
+
+    def _up(ipr: Any) -> None:
+        index = _tap_index(ipr, name, netns)
         ipr.link("set", index=index, state="up")
         ipr.route("replace", dst=f"{guest_ip}/32", oif=index, scope=253)  # scope link
 
+    _tap_call(name, netns, "bring up", _up)
+
+
+def _tap_index(ipr: Any, name: str, netns: str | None) -> int:
+    idx = ipr.link_lookup(ifname=name)
+    if not idx:
+        raise VMError(f"tap {name}{_where(netns)} is gone")
+    return int(idx[0])
+
+
+def _tap_call(name: str, netns: str | None, what: str, fn: Callable[[Any], None]) -> None:
     try:
-        _in_netns(netns, _configure)
+        _in_netns(netns, fn)
     except VMError:
         raise
     except Exception as e:
-        raise VMError(f"cannot configure tap {name}{_where(netns)}: {e}") from e
+        raise VMError(f"cannot {what} tap {name}{_where(netns)}: {e}") from e
 
 
 def delete_tap(name: str, netns: str | None = None) -> bool:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _qemu
 from ._errors import AgentError, HypervisorError, SnapshotError, VMError, VMStateError
-from .net import NetSpec, SandboxHook, SandboxLink, configure_tap, create_tap, delete_tap
+from .net import NetSpec, SandboxHook, SandboxLink, configure_tap, create_tap, delete_tap, tap_up
 
 if TYPE_CHECKING:
     from .agent import AgentClient, ExecResult
@@ -937,14 +937,17 @@ class MicroVM:
             agent.net_config(f"{n.ip}/{n.prefix}", gateway=n.gateway_ip, dns=[n.dns or n.gateway_ip], mac=n.mac)
 
     def _wire_tap(self) -> None:
-        """The host side of the tap (gateway address, route to the guest), then the hooks (guard, registration)."""
+        """The host side of the tap (gateway address), the hooks (guard, registration), and only then the link up
+        with the route to the guest: a guest already running (a pool resumed ahead) is guarded from its first
+        frame."""
         link = self.link
         if link is None:
             return
-        configure_tap(link.tap, link.netns, gateway_ip=link.gateway_ip, guest_ip=link.ip)
+        configure_tap(link.tap, link.netns, gateway_ip=link.gateway_ip)
         for hook in self.hooks:
             hook.sandbox_up(link)
             self._hooks_up.append(hook)
+        tap_up(link.tap, link.netns, guest_ip=link.ip)
 
     # -- attach (another process) ------------------------------------------------------------------------------
 
