@@ -9,7 +9,8 @@
 * :class:`WarmPool` (``pool.py``): QEMU processes started ahead, so a clone only loads state and continues.
 * :mod:`~hypervisor.net`: :class:`NetSpec` (a guest's addresses and tap), :class:`Subnet` (hands them out),
   :class:`SandboxHook` (called with a :class:`SandboxLink` when a tap comes and goes; :class:`EbpfGuard` wires
-  the kernel guard).
+  the kernel guard); :class:`GatewayRegistration` (``registration.py``) registers each VM's sandbox with the
+  gateway's admin API while its tap exists.
 * Images and the guest agent: :func:`~hypervisor.image.build_image`, :class:`~hypervisor.agent.AgentClient`.
 
 QMP runs on one background event loop per process (see ``_qemu.py`` for why); the API is synchronous and
@@ -33,6 +34,7 @@ from ._qemu import Accel, probe_accel
 from .clone import Clones, Template
 from .net import EbpfGuard, NetSpec, SandboxHook, SandboxLink, Subnet
 from .pool import WarmPool
+from .registration import GatewayRegistration
 from .vm import Machine, MicroVM, Snapshot, VMRecord, VMState, cleanup_stale, list_vms
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "CloneError",
     "Clones",
     "EbpfGuard",
+    "GatewayRegistration",
     "HypervisorError",
     "ImageError",
     "Machine",

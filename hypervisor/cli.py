@@ -1,4 +1,5 @@
-"""``cube-egress image build`` (the guest image for the microVM runtime) and ``cube-egress demo``.
+"""``cube-egress image build`` (the guest image), ``cube-egress vm ...`` (microVM sandboxes, one command per
+process) and ``cube-egress demo``.
 
 Exit codes: 0 success; 1 the image cannot be built (the message names the missing input); 2 bad usage.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,19 @@ def _add_vm_parser(sub: Any) -> None:
         p.add_argument("--proxy-port", type=int, default=3128)
         p.add_argument("--dns-port", type=int, default=53)
         p.add_argument("--sandbox-id", help="the sandbox id (default sb-<vm id>)")
+        register_args(p)
+
+    def register_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--register-socket",
+            type=Path,
+            help="register the sandbox with the gateway through this admin API socket (unregistered at `vm rm`)",
+        )
+        p.add_argument("--register-url", help="the admin API over TCP instead (with --token-file)")
+        p.add_argument("--token-file", type=Path, help="bearer token file (0600) for --register-url")
+        p.add_argument(
+            "--policy", action="append", default=[], help="policy the registered sandbox gets (repeatable)"
+        )
 
     boot = vsub.add_parser("boot", help="cold boot a guest and wait until its agent answers")
     boot.add_argument("--state-dir", type=Path, default=Path(".cube-egress"), help="where images are kept")
@@ -116,6 +131,7 @@ def _add_vm_parser(sub: Any) -> None:
     clone.add_argument("--transparent-port", type=int, default=3129)
     clone.add_argument("--proxy-port", type=int, default=3128)
     clone.add_argument("--dns-port", type=int, default=53)
+    register_args(clone)
     clone.set_defaults(func=_cmd_vm_clone)
 
     ls = vsub.add_parser("ls", help="list VMs")
@@ -137,13 +153,27 @@ def _err(msg: str) -> int:
 
 
 def _guard_hook(args: argparse.Namespace) -> list[Any]:
+    """The hooks a VM's tap gets: the kernel guard first, then the gateway registration."""
     from .net import EbpfGuard
+    from .registration import GatewayRegistration
 
-    if not args.guard:
-        return []
-    return [
-        EbpfGuard(transparent_port=args.transparent_port, proxy_port=args.proxy_port, dns_port=args.dns_port)
-    ]
+    hooks: list[Any] = []
+    if args.guard:
+        hooks.append(
+            EbpfGuard(transparent_port=args.transparent_port, proxy_port=args.proxy_port, dns_port=args.dns_port)
+        )
+    if args.register_socket or args.register_url:
+        if not args.policy:
+            raise ValueError("registering a sandbox needs at least one --policy")
+        hooks.append(
+            GatewayRegistration(
+                policies=args.policy,
+                unix_socket=args.register_socket,
+                url=args.register_url,
+                token_file=args.token_file,
+            )
+        )
+    return hooks
 
 
 def _netspec(args: argparse.Namespace) -> Any:
@@ -176,9 +206,48 @@ def _print_vm(vm: Any) -> None:
     print("  ".join(f"{k}={v}" for k, v in d.items() if v is not None))
 
 
-def _release(vm: Any) -> None:
-    """Hand the VM over to later commands (they re-open it with MicroVM.attach)."""
+_HOOKS_FILE = "cli-hooks.json"  # beside vm.json: how this CLI wired the VM, so `vm rm` can unwire it
+
+
+def _release(vm: Any, args: argparse.Namespace | None = None) -> None:
+    """Hand the VM over to later commands (they re-open it with MicroVM.attach); remember its hooks' settings,
+    since hooks do not outlive the process that ran them."""
+    if args is not None and vm.net is not None:
+        doc = {
+            "guard": bool(getattr(args, "guard", False)),
+            "register": None
+            if not (getattr(args, "register_socket", None) or getattr(args, "register_url", None))
+            else {
+                "unix_socket": str(args.register_socket) if args.register_socket else None,
+                "url": args.register_url,
+                "token_file": str(args.token_file) if args.token_file else None,
+                "policies": list(args.policy),
+            },
+        }
+        (vm.paths.run_dir / _HOOKS_FILE).write_text(json.dumps(doc))
     vm.release()
+
+
+def _saved_hooks(run_dir: Path) -> list[Any]:
+    """The hooks to run `sandbox_down` on when removing a VM this CLI started (guard, registration)."""
+    from .net import EbpfGuard
+    from .registration import GatewayRegistration
+
+    try:
+        doc = json.loads((run_dir / _HOOKS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    hooks: list[Any] = []
+    if doc.get("guard") and _guard_possible():
+        hooks.append(EbpfGuard())
+    reg = doc.get("register")
+    if reg:
+        hooks.append(
+            GatewayRegistration(
+                policies=reg["policies"], unix_socket=reg["unix_socket"], url=reg["url"], token_file=reg["token_file"]
+            )
+        )
+    return hooks
 
 
 def _cmd_vm_boot(args: argparse.Namespace) -> int:
@@ -207,7 +276,7 @@ def _cmd_vm_boot(args: argparse.Namespace) -> int:
     except (HypervisorError, ValueError) as e:
         return _err(str(e))
     _print_vm(vm)
-    _release(vm)
+    _release(vm, args)
     return 0
 
 
@@ -282,7 +351,7 @@ def _cmd_vm_restore(args: argparse.Namespace) -> int:
     except (HypervisorError, ValueError) as e:
         return _err(str(e))
     _print_vm(vm)
-    _release(vm)
+    _release(vm, args)
     return 0
 
 
@@ -308,7 +377,7 @@ def _cmd_vm_clone(args: argparse.Namespace) -> int:
         return _err(str(e))
     for vm in clones:
         _print_vm(vm)
-        _release(vm)
+        _release(vm, args)
     for failure in clones.failures:
         print(f"cube-egress: a clone failed: {failure}", file=sys.stderr)
     return 0 if not clones.failures else 1
@@ -347,7 +416,6 @@ def _cmd_vm_ls(args: argparse.Namespace) -> int:
 def _cmd_vm_rm(args: argparse.Namespace) -> int:
     from ._errors import HypervisorError
     from .clone import Template
-    from .net import EbpfGuard
     from .vm import MicroVM, cleanup_stale, list_vms
 
     records = {r.id: r for r in list_vms()}
@@ -370,9 +438,8 @@ def _cmd_vm_rm(args: argparse.Namespace) -> int:
         if not rec.alive:
             continue  # cleanup_stale below removes what is left of it
         try:
-            # A guard on the tap is detached with it (detach is a no-op when none was attached).
-            hooks = [EbpfGuard()] if rec.net is not None and _guard_possible() else []
-            MicroVM.attach(vm_id, hooks=hooks).destroy()
+            # The guard is detached and the sandbox unregistered before the tap goes, as at a destroy in-process.
+            MicroVM.attach(vm_id, hooks=_saved_hooks(rec.run_dir)).destroy()
             print(f"removed {vm_id}")
         except HypervisorError as e:
             failed += _err(f"{vm_id}: {e}")

@@ -12,7 +12,9 @@ import glob
 import os
 import secrets
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -154,3 +156,49 @@ class RecordingHook:
 @pytest.fixture
 def recording_hook() -> type[RecordingHook]:
     return RecordingHook
+
+
+@pytest.fixture
+def admin_gateway(tmp_path: Path) -> Iterator[Path]:
+    """A real gateway process (explicit proxy on loopback) whose admin API listens on a Unix socket."""
+    (tmp_path / "policy.yaml").write_text(
+        "version: 1\npolicies:\n  agents:\n    rules:\n"
+        "      - {id: pkg, action: allow, hosts: [pkg.example.test]}\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sock = tmp_path / "state" / "admin.sock"
+    (tmp_path / "gateway.yaml").write_text(
+        f"version: 1\nlisten: {{host: 127.0.0.1, port: {port}}}\npolicies: [policy.yaml]\nstate_dir: state\n"
+        f"admin: {{unix_socket: {sock}}}\n"
+    )
+    log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "--config", str(tmp_path / "gateway.yaml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
+            assert time.monotonic() < deadline, "the gateway's admin socket did not appear"
+            time.sleep(0.1)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        log.close()
+        assert os.path.exists(tmp_path / "gateway.log")
+
+
+def registered_sandboxes(sock: Path) -> dict[str, dict[str, object]]:
+    import httpx
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://admin") as c:
+        r = c.get("/v1/sandboxes")
+        assert r.status_code == 200, r.text
+        body = r.json()
+    items = body["sandboxes"] if isinstance(body, dict) else body
+    return {sb["id"]: sb for sb in items if sb.get("origin") == "api"}

@@ -237,6 +237,45 @@ def test_machine_changing_ops_need_system_mode(agent: Agent) -> None:
         assert c.hello().system is False
 
 
+NET_CONFIG_BAD: dict[str, dict[str, object]] = {
+    "no_address": {"interface": "eth0"},
+    "address_without_prefix": {"address": "10.9.9.9"},
+    "prefix_too_long": {"address": "10.9.9.9/33"},
+    "prefix_with_sign": {"address": "10.9.9.9/+8"},
+    "prefix_of_three_digits": {"address": "10.9.9.9/008"},
+    "ipv6_address": {"address": "2001:db8::1/64"},
+    "address_not_a_string": {"address": 167772160},
+    "interface_too_long": {"address": "10.9.9.9/24", "interface": "x" * 16},
+    "interface_with_slash": {"address": "10.9.9.9/24", "interface": "../eth0"},
+    "interface_like_an_option": {"address": "10.9.9.9/24", "interface": "-eth0"},
+    "mac_too_short": {"address": "10.9.9.9/24", "mac": "52:54:00:12:34"},
+    "mac_with_spaces": {"address": "10.9.9.9/24", "mac": "52:54:00:12:34: 6"},
+    "mac_not_hex": {"address": "10.9.9.9/24", "mac": "52:54:00:12:34:zz"},
+    "mac_wrong_separator": {"address": "10.9.9.9/24", "mac": "52-54-00-12-34-56"},
+    "gateway_not_ipv4": {"address": "10.9.9.9/24", "gateway": "10.9.9"},
+    "dns_not_a_list": {"address": "10.9.9.9/24", "dns": "10.9.9.1"},
+    "dns_entry_not_ipv4": {"address": "10.9.9.9/24", "dns": ["10.9.9.1", "resolver"]},
+    "dns_too_many": {"address": "10.9.9.9/24", "dns": [f"10.9.9.{i}" for i in range(9)]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(NET_CONFIG_BAD))
+def test_net_config_rejects_bad_fields_before_the_system_gate(agent: Agent, case: str) -> None:
+    # Raw fields (the client would refuse most of these itself): the agent checks every field first, so a bad
+    # request says what is wrong even where the op is disabled, and never touches the test machine's network.
+    with agent.client() as c, pytest.raises(AgentError) as e:
+        c.call("net_config", NET_CONFIG_BAD[case])
+    assert (e.value.op, e.value.code) == ("net_config", "bad_request"), e.value.detail
+
+
+def test_net_config_with_good_fields_is_still_disabled_without_system(agent: Agent) -> None:
+    fields = {"address": "10.9.9.9/24", "interface": "eth0", "mac": "52:54:00:AB:cd:EF", "gateway": "10.9.9.1",
+              "dns": ["10.9.9.1", "10.9.9.2"]}  # fmt: skip
+    with agent.client() as c, pytest.raises(AgentError) as e:
+        c.call("net_config", fields)
+    assert e.value.code == "disabled"
+
+
 # -- malformed input -----------------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from hypervisor.vm import cleanup_stale
 
-from .conftest import IMAGE_CACHE, links, qemu_pids_under, vm_unavailable_reason
+from .conftest import IMAGE_CACHE, links, qemu_pids_under, registered_sandboxes, vm_unavailable_reason
 
 pytestmark = [pytest.mark.qemu]
 
@@ -52,7 +52,9 @@ def ls(env: dict[str, str]) -> list[dict[str, Any]]:
     return rows
 
 
-def test_vm_commands_boot_exec_template_clone_rm(cli_env: dict[str, str], module_netns: str, tmp_path: Path) -> None:
+def test_vm_commands_boot_exec_template_clone_rm(
+    cli_env: dict[str, str], module_netns: str, tmp_path: Path, admin_gateway: Path
+) -> None:
     env = cli_env
     boot = cube(
         env, "vm", "boot", "--state-dir", str(IMAGE_CACHE), "--template-ready",
@@ -81,9 +83,13 @@ def test_vm_commands_boot_exec_template_clone_rm(cli_env: dict[str, str], module
     r = cube(
         env, "vm", "clone", str(template), "-n", "2",
         "--subnet", "10.77.0.0/24", "--gateway-ip", "10.77.0.1", "--netns", module_netns,
+        "--register-socket", str(admin_gateway), "--policy", "agents",
     )
     assert r.returncode == 0, r.stderr.decode()
     clones = ls(env)
+    registered = registered_sandboxes(admin_gateway)  # each clone's sandbox, by its own id and address
+    expected = {c["sandbox_id"]: [f"{c['ip']}/32"] for c in clones}
+    assert {sb: reg["sources"] for sb, reg in registered.items()} == expected
     assert len(clones) == 2 and all(c["alive"] and c["kind"] == "clone" for c in clones)
     assert len({c["ip"] for c in clones}) == 2 and len({c["sandbox_id"] for c in clones}) == 2
     randoms = set()
@@ -98,6 +104,7 @@ def test_vm_commands_boot_exec_template_clone_rm(cli_env: dict[str, str], module
     r = cube(env, "vm", "rm", "--all", "--template", str(template))
     assert r.returncode == 0, r.stderr.decode()
     assert ls(env) == []
+    assert registered_sandboxes(admin_gateway) == {}  # `vm rm` unregistered them (another process than clone)
     assert qemu_pids_under(Path(env["CUBE_EGRESS_RUN_DIR"])) == []
     assert not any(c["tap"] in links(module_netns) for c in clones)
     assert not ram_file.exists() and not template.exists()

@@ -27,7 +27,7 @@ from hypervisor import (
 from hypervisor._qemu import proc_start_time
 from hypervisor.image import GuestImage
 from hypervisor.vm import private_dir, shm_root
-from tests.hypervisor.conftest import RecordingHook, assert_gone, links, qemu_pids_under
+from tests.hypervisor.conftest import RecordingHook, assert_gone, links, qemu_pids_under, registered_sandboxes
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(300)]
 
@@ -185,56 +185,6 @@ def test_clone_with_the_kernel_guard(template: Template, vm_root: Path, netns: s
         ebpf.Enforcer.open(netns, create=False)  # the last detach unpinned everything
 
 
-@pytest.fixture
-def admin_gateway(tmp_path: Path) -> Iterator[Path]:
-    """A real gateway process (explicit proxy on loopback) whose admin API listens on a Unix socket."""
-    import os
-    import socket
-    import sys
-
-    (tmp_path / "policy.yaml").write_text(
-        "version: 1\npolicies:\n  agents:\n    rules:\n"
-        "      - {id: pkg, action: allow, hosts: [pkg.example.test]}\n"
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    sock = tmp_path / "state" / "admin.sock"
-    (tmp_path / "gateway.yaml").write_text(
-        f"version: 1\nlisten: {{host: 127.0.0.1, port: {port}}}\npolicies: [policy.yaml]\nstate_dir: state\n"
-        f"admin: {{unix_socket: {sock}}}\n"
-    )
-    log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--config", str(tmp_path / "gateway.yaml")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
-            assert time.monotonic() < deadline, "the gateway's admin socket did not appear"
-            time.sleep(0.1)
-        yield sock
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        log.close()
-        assert os.path.exists(tmp_path / "gateway.log")
-
-
-def _registered(sock: Path) -> dict[str, dict[str, object]]:
-    import httpx
-
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://admin") as c:
-        r = c.get("/v1/sandboxes")
-        assert r.status_code == 200, r.text
-        body = r.json()
-    items = body["sandboxes"] if isinstance(body, dict) else body
-    return {sb["id"]: sb for sb in items if sb.get("origin") == "api"}
-
-
 def test_clones_register_with_the_gateway_under_their_own_sandbox_ids(
     template: Template, vm_root: Path, netns: str, admin_gateway: Path
 ) -> None:
@@ -244,7 +194,7 @@ def test_clones_register_with_the_gateway_under_their_own_sandbox_ids(
     subnet = Subnet("10.79.0.0/24", "10.79.0.1", netns=netns)
     clones = template.clone(2, net=subnet, hooks=[registration], sandbox_ids=["agent-a", "agent-b"], run_root=vm_root)
     try:
-        registered = _registered(admin_gateway)
+        registered = registered_sandboxes(admin_gateway)
         assert set(registered) == {"agent-a", "agent-b"}
         for vm in clones:
             sb = registered[vm.sandbox_id]
@@ -253,14 +203,14 @@ def test_clones_register_with_the_gateway_under_their_own_sandbox_ids(
             assert sb["labels"] == {"pool": "t", "vm": vm.id}
     finally:
         clones.destroy()
-    assert _registered(admin_gateway) == {}  # unregistered before each tap went
+    assert registered_sandboxes(admin_gateway) == {}  # unregistered before each tap went
 
     # A registration the gateway refuses (no such policy) aborts that clone's start, with the gateway's reason.
     refused = GatewayRegistration(policies=["no-such-policy"], unix_socket=admin_gateway)
     with pytest.raises(CloneError, match="no-such-policy"):
         template.clone(1, net=subnet, hooks=[refused], run_root=vm_root)
     assert qemu_pids_under(vm_root) == [] and not any(n.startswith("cxe") for n in links(netns))
-    assert _registered(admin_gateway) == {}
+    assert registered_sandboxes(admin_gateway) == {}
 
 
 def test_clone_refuses_a_removed_template(template: Template, tmp_path: Path) -> None:
