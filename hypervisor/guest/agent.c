@@ -46,6 +46,11 @@
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <ctype.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <net/if.h>
+#include <net/if_arp.h>
 
 #ifndef CXA_BUILD
 #define CXA_BUILD "dev"
@@ -73,7 +78,7 @@ static struct {
     enum chan_mode mode;
     const char *path;      /* --device or --listen */
     const char *port_name; /* --port */
-    const char *busybox;   /* --busybox: run `ip` through it (the final root may not have one) */
+    const char *busybox;   /* --busybox: accepted and unused (net_config no longer runs `ip`; init passes it) */
     int system;            /* --system: allow ops that change the machine (time, entropy, network, power) */
     long frame_timeout_ms; /* a frame that stops arriving for this long is dropped with "truncated" */
 } opt = {CHAN_PORT, NULL, CXA_DEFAULT_PORT, NULL, 0, 10000};
@@ -975,39 +980,306 @@ static int op_reseed(struct reply *r, const struct req *q)
     return 0;
 }
 
-/* Runs one `ip` command for net_config; its stderr goes into the error detail. */
-static int run_ip(struct reply *r, const char *const *args)
+/* -- net_config, in-process ------------------------------------------------------------------------------------
+ *
+ * The same steps busybox `ip` took (link down, MAC, flush the IPv4 addresses, add ADDRESS/PREFIX, link up, replace
+ * the default route), without a fork: under TCG each fork + exec of busybox costs tens of milliseconds, and every
+ * networked restore or clone runs this. Link flags and the MAC go through ioctls on an AF_INET socket; addresses
+ * and the route through one rtnetlink socket, because the ioctls cannot remove every address (SIOCSIFADDR only
+ * replaces the primary one, leaving secondaries) nor say "replace the default route" in one step.
+ * Link down also drops the routes and the neighbour cache (ARP entries of the template's gateway), so the clone
+ * starts clean, and the MAC changes while it is down (not every driver takes a live change). */
+
+#define CXA_NL_TIMEOUT_S 5 /* a kernel that does not answer a netlink request in this long is treated as broken */
+#define CXA_NL_BUF 32768
+#define CXA_MAX_ADDRS 64   /* addresses removed per flush round */
+
+struct nl {
+    int fd;
+    uint32_t seq;
+    char err[256]; /* the kernel's extended ack message of the last failure, if any */
+};
+
+struct nl_req {
+    struct nlmsghdr h;
+    union {
+        struct ifaddrmsg ifa;
+        struct rtmsg rt;
+    } u;
+    char attrs[128];
+};
+
+/* Appends one attribute; the callers add at most two IPv4-sized ones, far inside attrs[]. */
+static void nl_attr(struct nl_req *m, unsigned short type, const void *data, size_t len)
 {
-    char *argv[16];
-    size_t n = 0;
-    if (opt.busybox)
-        argv[n++] = (char *)opt.busybox;
-    argv[n++] = "ip";
-    for (size_t i = 0; args[i] && n < 15; i++)
-        argv[n++] = (char *)args[i];
-    argv[n] = NULL;
-    struct proc_result res;
-    if (run_process(r, "net_config", argv, environ, NULL, NULL, 0, 10000, &res) < 0)
-        return -1;
-    int ok = res.exited && WIFEXITED(res.status) && WEXITSTATUS(res.status) == 0 && !res.timed_out;
-    if (!ok) {
-        char cmd[256] = "";
-        for (size_t i = opt.busybox ? 1 : 0; argv[i]; i++)
-            snprintf(cmd + strlen(cmd), sizeof cmd - strlen(cmd), "%s%s", i ? " " : "", argv[i]);
-        int elen = (int)(res.err.len > 300 ? 300 : res.err.len);
-        while (elen > 0 && (res.err.p[elen - 1] == '\n'))
-            elen--;
-        fail(r, "command_failed", "net_config: `%s` failed: %.*s", cmd, elen, res.err.p ? (char *)res.err.p : "");
+    struct rtattr *a = (struct rtattr *)((char *)m + NLMSG_ALIGN(m->h.nlmsg_len));
+    a->rta_type = type;
+    a->rta_len = (unsigned short)RTA_LENGTH(len);
+    memcpy(RTA_DATA(a), data, len);
+    m->h.nlmsg_len = NLMSG_ALIGN(m->h.nlmsg_len) + RTA_ALIGN(a->rta_len);
+}
+
+static int nl_open(struct nl *n)
+{
+    n->seq = (uint32_t)now_ms();
+    n->err[0] = 0;
+    n->fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (n->fd < 0)
+        return -errno;
+    struct timeval tv = {CXA_NL_TIMEOUT_S, 0};
+    int one = 1;
+    struct sockaddr_nl sa = {.nl_family = AF_NETLINK};
+    if (setsockopt(n->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) < 0 ||
+        bind(n->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        int e = errno;
+        close(n->fd);
+        return -e;
     }
-    buf_free(&res.out);
-    buf_free(&res.err);
-    return ok ? 0 : -1;
+    /* best effort: the kernel then says why it refused (e.g. "Nexthop has invalid gateway") */
+    setsockopt(n->fd, SOL_NETLINK, NETLINK_EXT_ACK, &one, sizeof one);
+    return 0;
+}
+
+/* Keeps the kernel's extended ack message of an error reply, if it sent one. */
+static void nl_ext_ack(struct nl *n, const struct nlmsghdr *h)
+{
+    const struct nlmsgerr *e = NLMSG_DATA(h);
+    if (!(h->nlmsg_flags & NLM_F_ACK_TLVS))
+        return;
+    size_t off = NLMSG_HDRLEN + sizeof *e;
+    if (!(h->nlmsg_flags & NLM_F_CAPPED))
+        off += e->msg.nlmsg_len - NLMSG_HDRLEN; /* the request came back whole */
+    if (off >= h->nlmsg_len)
+        return;
+    int len = (int)(h->nlmsg_len - off);
+    for (const struct rtattr *a = (const struct rtattr *)((const char *)h + off); RTA_OK(a, len);
+         a = RTA_NEXT(a, len))
+        if (a->rta_type == NLMSGERR_ATTR_MSG && RTA_PAYLOAD(a) > 0)
+            snprintf(n->err, sizeof n->err, "%.*s", (int)strnlen(RTA_DATA(a), RTA_PAYLOAD(a)),
+                     (const char *)RTA_DATA(a));
+}
+
+/* Sends one request. With cb (a dump) every message of the answer goes to cb until NLMSG_DONE; without, the
+ * request asks for an ack. Returns 0, or -errno (the kernel's, or our socket's). */
+static int nl_talk(struct nl *n, struct nl_req *m, void (*cb)(const struct nlmsghdr *, void *), void *ctx)
+{
+    m->h.nlmsg_flags |= NLM_F_REQUEST | (cb ? NLM_F_DUMP : NLM_F_ACK);
+    m->h.nlmsg_seq = ++n->seq;
+    n->err[0] = 0;
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    if (sendto(n->fd, m, m->h.nlmsg_len, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0)
+        return -errno;
+    static char buf[CXA_NL_BUF] __attribute__((aligned(NLMSG_ALIGNTO)));
+    for (;;) {
+        ssize_t got = recv(n->fd, buf, sizeof buf, MSG_TRUNC); /* MSG_TRUNC: the real size, to notice a cut */
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0)
+            return -errno;
+        if ((size_t)got > sizeof buf)
+            return -EMSGSIZE;
+        int len = (int)got;
+        for (const struct nlmsghdr *h = (const struct nlmsghdr *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+            if (h->nlmsg_seq != n->seq)
+                continue; /* a late answer to an earlier request */
+            if (h->nlmsg_type == NLMSG_DONE)
+                return 0;
+            if (h->nlmsg_type == NLMSG_ERROR) {
+                if (h->nlmsg_len < NLMSG_LENGTH(sizeof(struct nlmsgerr)))
+                    return -EPROTO;
+                const struct nlmsgerr *e = NLMSG_DATA(h);
+                if (e->error)
+                    nl_ext_ack(n, h);
+                return e->error; /* 0 is the ack */
+            }
+            if (cb)
+                cb(h, ctx);
+        }
+    }
+}
+
+struct addr_list {
+    int ifindex;
+    size_t n;
+    struct {
+        unsigned char prefixlen;
+        struct in_addr local, address;
+        int has_local, has_address;
+    } a[CXA_MAX_ADDRS];
+};
+
+static void collect_addr(const struct nlmsghdr *h, void *ctx)
+{
+    struct addr_list *l = ctx;
+    if (h->nlmsg_type != RTM_NEWADDR || h->nlmsg_len < NLMSG_LENGTH(sizeof(struct ifaddrmsg)))
+        return;
+    const struct ifaddrmsg *ifa = NLMSG_DATA(h);
+    if (ifa->ifa_family != AF_INET || (int)ifa->ifa_index != l->ifindex || l->n == CXA_MAX_ADDRS)
+        return;
+    memset(&l->a[l->n], 0, sizeof l->a[l->n]);
+    l->a[l->n].prefixlen = ifa->ifa_prefixlen;
+    int len = (int)IFA_PAYLOAD(h);
+    for (const struct rtattr *a = IFA_RTA(ifa); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+        if (RTA_PAYLOAD(a) != sizeof(struct in_addr))
+            continue;
+        if (a->rta_type == IFA_LOCAL)
+            memcpy(&l->a[l->n].local, RTA_DATA(a), sizeof(struct in_addr)), l->a[l->n].has_local = 1;
+        else if (a->rta_type == IFA_ADDRESS)
+            memcpy(&l->a[l->n].address, RTA_DATA(a), sizeof(struct in_addr)), l->a[l->n].has_address = 1;
+    }
+    l->n++;
+}
+
+static void addr_req(struct nl_req *m, unsigned short type, unsigned short flags, int ifindex, unsigned char plen)
+{
+    memset(m, 0, sizeof *m);
+    m->h.nlmsg_len = NLMSG_LENGTH(sizeof(struct ifaddrmsg));
+    m->h.nlmsg_type = type;
+    m->h.nlmsg_flags = flags;
+    m->u.ifa.ifa_family = AF_INET;
+    m->u.ifa.ifa_prefixlen = plen;
+    m->u.ifa.ifa_scope = RT_SCOPE_UNIVERSE; /* `ip addr add`'s default, but for 127/8 (below) */
+    m->u.ifa.ifa_index = (unsigned)ifindex;
+}
+
+/* Removes every IPv4 address of the interface, like `ip addr flush`: removing a primary address can take its
+ * secondaries with it (EADDRNOTAVAIL for those next), so it lists again until the list comes back empty. */
+static int flush_ipv4(struct reply *r, struct nl *n, const char *ifname, int ifindex)
+{
+    struct addr_list l;
+    for (int round = 0; round < 8; round++) {
+        struct nl_req m;
+        addr_req(&m, RTM_GETADDR, 0, 0, 0);
+        memset(&l, 0, sizeof l);
+        l.ifindex = ifindex;
+        int rc = nl_talk(n, &m, collect_addr, &l);
+        if (rc < 0)
+            return fail(r, errno_code(-rc), "net_config: %s: listing addresses: %s", ifname, strerror(-rc));
+        if (l.n == 0)
+            return 0;
+        for (size_t i = 0; i < l.n; i++) {
+            addr_req(&m, RTM_DELADDR, 0, ifindex, l.a[i].prefixlen);
+            if (l.a[i].has_local)
+                nl_attr(&m, IFA_LOCAL, &l.a[i].local, sizeof(struct in_addr));
+            if (l.a[i].has_address)
+                nl_attr(&m, IFA_ADDRESS, &l.a[i].address, sizeof(struct in_addr));
+            rc = nl_talk(n, &m, NULL, NULL);
+            if (rc < 0 && rc != -EADDRNOTAVAIL) {
+                char a[INET_ADDRSTRLEN];
+                inet_ntop(AF_INET, l.a[i].has_local ? &l.a[i].local : &l.a[i].address, a, sizeof a);
+                return fail(r, errno_code(-rc), "net_config: %s: removing %s/%u: %s%s%s", ifname, a,
+                            l.a[i].prefixlen, strerror(-rc), n->err[0] ? ": " : "", n->err);
+            }
+        }
+    }
+    return fail(r, "EBUSY", "net_config: %s: IPv4 addresses keep coming back after 8 flushes", ifname);
+}
+
+static int set_link_up(struct reply *r, int fd, struct ifreq *ifr, int up)
+{
+    if (ioctl(fd, SIOCGIFFLAGS, ifr) < 0)
+        return fail(r, errno_code(errno), "net_config: %s: SIOCGIFFLAGS: %s", ifr->ifr_name, strerror(errno));
+    if (up)
+        ifr->ifr_flags = (short)(ifr->ifr_flags | IFF_UP);
+    else
+        ifr->ifr_flags = (short)(ifr->ifr_flags & ~IFF_UP);
+    if (ioctl(fd, SIOCSIFFLAGS, ifr) < 0)
+        return fail(r, errno_code(errno), "net_config: %s: setting the link %s: %s", ifr->ifr_name,
+                    up ? "up" : "down", strerror(errno));
+    return 0;
+}
+
+struct net_request {
+    const char *ifname, *address, *gateway;
+    int has_mac, has_gateway, has_dns;
+    unsigned char mac[6];
+    struct in_addr addr, gw;
+    unsigned char prefix;
+    char resolv[1024];
+};
+
+static int apply_net_config(struct reply *r, const struct net_request *w)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return fail(r, errno_code(errno), "net_config: socket: %s", strerror(errno));
+    struct nl n = {.fd = -1};
+    struct ifreq ifr;
+    int rc = -1;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", w->ifname);
+    if (ioctl(fd, SIOCGIFINDEX, &ifr) < 0) {
+        fail(r, errno_code(errno), "net_config: %s: %s", w->ifname,
+             errno == ENODEV ? "no such interface" : strerror(errno));
+        goto out;
+    }
+    int ifindex = ifr.ifr_ifindex;
+    int e = nl_open(&n);
+    if (e < 0) {
+        fail(r, errno_code(-e), "net_config: rtnetlink socket: %s", strerror(-e));
+        goto out;
+    }
+    if (set_link_up(r, fd, &ifr, 0) < 0)
+        goto out;
+    if (w->has_mac) {
+        ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+        memcpy(ifr.ifr_hwaddr.sa_data, w->mac, 6);
+        if (ioctl(fd, SIOCSIFHWADDR, &ifr) < 0) {
+            fail(r, errno_code(errno), "net_config: %s: setting the MAC: %s", w->ifname, strerror(errno));
+            goto out;
+        }
+    }
+    if (flush_ipv4(r, &n, w->ifname, ifindex) < 0)
+        goto out;
+    struct nl_req m;
+    addr_req(&m, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, ifindex, w->prefix);
+    if ((ntohl(w->addr.s_addr) >> 24) == 127)
+        m.u.ifa.ifa_scope = RT_SCOPE_HOST;
+    nl_attr(&m, IFA_LOCAL, &w->addr, sizeof w->addr);
+    nl_attr(&m, IFA_ADDRESS, &w->addr, sizeof w->addr);
+    if ((e = nl_talk(&n, &m, NULL, NULL)) < 0) {
+        fail(r, errno_code(-e), "net_config: %s: adding %s: %s%s%s", w->ifname, w->address, strerror(-e),
+             n.err[0] ? ": " : "", n.err);
+        goto out;
+    }
+    if (set_link_up(r, fd, &ifr, 1) < 0)
+        goto out;
+    if (w->has_gateway) {
+        /* `ip route replace default via GW dev IF`: table main, proto boot, scope universe, unicast */
+        memset(&m, 0, sizeof m);
+        m.h.nlmsg_len = NLMSG_LENGTH(sizeof(struct rtmsg));
+        m.h.nlmsg_type = RTM_NEWROUTE;
+        m.h.nlmsg_flags = NLM_F_CREATE | NLM_F_REPLACE;
+        m.u.rt.rtm_family = AF_INET;
+        m.u.rt.rtm_table = RT_TABLE_MAIN;
+        m.u.rt.rtm_protocol = RTPROT_BOOT;
+        m.u.rt.rtm_scope = RT_SCOPE_UNIVERSE;
+        m.u.rt.rtm_type = RTN_UNICAST;
+        uint32_t oif = (uint32_t)ifindex;
+        nl_attr(&m, RTA_GATEWAY, &w->gw, sizeof w->gw);
+        nl_attr(&m, RTA_OIF, &oif, sizeof oif);
+        if ((e = nl_talk(&n, &m, NULL, NULL)) < 0) {
+            fail(r, errno_code(-e), "net_config: %s: default route via %s: %s%s%s", w->ifname, w->gateway,
+                 strerror(-e), n.err[0] ? ": " : "", n.err);
+            goto out;
+        }
+    }
+    if (w->has_dns &&
+        write_atomic(r, "net_config", "/etc/resolv.conf", (const unsigned char *)w->resolv, strlen(w->resolv),
+                     0644) < 0)
+        goto out;
+    rc = 0;
+out:
+    if (n.fd >= 0)
+        close(n.fd);
+    close(fd);
+    return rc;
 }
 
 static int valid_ifname(const char *s)
 {
     size_t n = strlen(s);
-    if (n == 0 || n >= 16 || s[0] == '-')
+    if (n == 0 || n >= IFNAMSIZ || s[0] == '-')
         return 0;
     for (size_t i = 0; i < n; i++)
         if (s[i] == '/' || s[i] <= ' ' || s[i] == ':' || (unsigned char)s[i] >= 0x7f)
@@ -1015,77 +1287,78 @@ static int valid_ifname(const char *s)
     return 1;
 }
 
-static int valid_mac(const char *s)
+/* "52:54:00:12:34:56": six pairs of hex digits, nothing else (sscanf alone would take " 1" or "+1"). */
+static int parse_mac(const char *s, unsigned char out[6])
 {
-    unsigned v[6];
-    char tail;
-    return strlen(s) == 17 &&
-           sscanf(s, "%2x:%2x:%2x:%2x:%2x:%2x%c", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &tail) == 6;
+    if (strlen(s) != 17)
+        return 0;
+    for (int i = 0; i < 6; i++) {
+        const char *p = s + 3 * i;
+        if (!isxdigit((unsigned char)p[0]) || !isxdigit((unsigned char)p[1]) || (i < 5 && p[2] != ':'))
+            return 0;
+        char pair[3] = {p[0], p[1], 0};
+        out[i] = (unsigned char)strtoul(pair, NULL, 16);
+    }
+    return 1;
 }
 
-static int valid_cidr(const char *s)
+/* "A.B.C.D/P" with P in 0..32 written as 1-2 digits. */
+static int parse_cidr(const char *s, struct in_addr *addr, unsigned char *prefix)
 {
-    char a[64];
+    char a[INET_ADDRSTRLEN];
     const char *slash = strchr(s, '/');
     if (!slash || (size_t)(slash - s) >= sizeof a)
         return 0;
     memcpy(a, s, (size_t)(slash - s));
     a[slash - s] = 0;
-    struct in_addr in;
-    char *end;
-    long p = strtol(slash + 1, &end, 10);
-    return inet_pton(AF_INET, a, &in) == 1 && slash[1] && !*end && p >= 0 && p <= 32;
+    const char *p = slash + 1;
+    size_t plen = strlen(p);
+    if (plen < 1 || plen > 2 || !isdigit((unsigned char)p[0]) || (plen == 2 && !isdigit((unsigned char)p[1])))
+        return 0;
+    int v = atoi(p);
+    if (v > 32 || inet_pton(AF_INET, a, addr) != 1)
+        return 0;
+    *prefix = (unsigned char)v;
+    return 1;
 }
 
-static int valid_ipv4(const char *s)
-{
-    struct in_addr in;
-    return inet_pton(AF_INET, s, &in) == 1;
-}
-
+/* Validates every field before the --system gate, so a bad request is told so even where the op is disabled. */
 static int op_net_config(struct reply *r, const struct req *q)
 {
-    if (need_system(r, q) < 0)
+    struct net_request w;
+    memset(&w, 0, sizeof w);
+    const char *mac;
+    if (get_str(r, q, "interface", 0, &w.ifname) < 0 || get_str(r, q, "mac", 0, &mac) < 0 ||
+        get_str(r, q, "address", 1, &w.address) < 0 || get_str(r, q, "gateway", 0, &w.gateway) < 0)
         return -1;
-    const char *ifname, *mac, *address, *gateway;
-    if (get_str(r, q, "interface", 0, &ifname) < 0 || get_str(r, q, "mac", 0, &mac) < 0 ||
-        get_str(r, q, "address", 1, &address) < 0 || get_str(r, q, "gateway", 0, &gateway) < 0)
-        return -1;
-    if (!ifname)
-        ifname = "eth0";
-    if (!valid_ifname(ifname))
-        return fail(r, "bad_request", "net_config: interface %s is not a valid interface name", ifname);
-    if (mac && !valid_mac(mac))
+    if (!w.ifname)
+        w.ifname = "eth0";
+    if (!valid_ifname(w.ifname))
+        return fail(r, "bad_request", "net_config: interface %.64s is not a valid interface name", w.ifname);
+    if (mac && !(w.has_mac = parse_mac(mac, w.mac)))
         return fail(r, "bad_request", "net_config: mac must look like 52:54:00:12:34:56");
-    if (!valid_cidr(address))
+    if (!parse_cidr(w.address, &w.addr, &w.prefix))
         return fail(r, "bad_request", "net_config: address must be IPv4 ADDRESS/PREFIX");
-    if (gateway && !valid_ipv4(gateway))
+    if (w.gateway && !(w.has_gateway = inet_pton(AF_INET, w.gateway, &w.gw) == 1))
         return fail(r, "bad_request", "net_config: gateway must be an IPv4 address");
     json_t *dns = json_object_get(q->h, "dns");
-    char resolv[1024] = "";
     if (dns && !json_is_null(dns)) {
         size_t i;
         json_t *d;
+        struct in_addr ignored;
         if (!json_is_array(dns) || json_array_size(dns) > 8)
             return fail(r, "bad_request", "net_config: dns must be a list of at most 8 IPv4 addresses");
         json_array_foreach(dns, i, d) {
-            if (!json_is_string(d) || !valid_ipv4(json_string_value(d)))
+            if (!json_is_string(d) || inet_pton(AF_INET, json_string_value(d), &ignored) != 1)
                 return fail(r, "bad_request", "net_config: dns must be a list of at most 8 IPv4 addresses");
-            snprintf(resolv + strlen(resolv), sizeof resolv - strlen(resolv), "nameserver %s\n",
+            snprintf(w.resolv + strlen(w.resolv), sizeof w.resolv - strlen(w.resolv), "nameserver %s\n",
                      json_string_value(d));
         }
+        w.has_dns = 1;
     }
-    const char *down[] = {"link", "set", "dev", ifname, "down", NULL};
-    const char *setmac[] = {"link", "set", "dev", ifname, "address", mac, NULL};
-    const char *flush[] = {"addr", "flush", "dev", ifname, NULL};
-    const char *add[] = {"addr", "add", address, "dev", ifname, NULL};
-    const char *up[] = {"link", "set", "dev", ifname, "up", NULL};
-    const char *route[] = {"route", "replace", "default", "via", gateway, "dev", ifname, NULL};
-    if (run_ip(r, down) < 0 || (mac && run_ip(r, setmac) < 0) || run_ip(r, flush) < 0 || run_ip(r, add) < 0 ||
-        run_ip(r, up) < 0 || (gateway && run_ip(r, route) < 0))
+    if (need_system(r, q) < 0)
         return -1;
-    if (dns && !json_is_null(dns) &&
-        write_atomic(r, "net_config", "/etc/resolv.conf", (const unsigned char *)resolv, strlen(resolv), 0644) < 0)
+    if (apply_net_config(r, &w) < 0)
         return -1;
     r->obj = json_object();
     return 0;
@@ -1382,7 +1655,7 @@ static void usage(void)
                "  --device PATH    serve this character device instead\n"
                "  --listen SOCKET  serve one client at a time on a unix socket (tests, debugging)\n"
                "  --system         allow set_time, reseed, net_config and shutdown (the guest's init passes it)\n"
-               "  --busybox PATH   run `ip` as `PATH ip` for net_config\n",
+               "  --busybox PATH   ignored (kept for older init scripts; net_config runs no command)\n",
             CXA_DEFAULT_PORT);
     exit(2);
 }
