@@ -22,16 +22,18 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import pydantic
 
+from .audit import fields as F
 from .config import ConfigError
 from .metrics import GatewayMetrics
 from .policies import CompiledPolicy, PolicyError, PolicyIssue, SandboxDTO, add_sandboxes, load_policy
 from .policies._yaml import Position
 
-__all__ = ["PolicyRegistry", "RegistryError", "ReloadResult"]
+__all__ = ["PolicyRegistry", "RegistryError", "ReloadResult", "registration_fields", "reload_fields"]
 
 log = logging.getLogger("cube_egress.gateway")
 
@@ -48,6 +50,35 @@ class ReloadResult:
     policy_hash: str  # of the policy in force afterwards (the old one when the reload failed)
     rule_count: int
     issues: tuple[PolicyIssue, ...] = ()
+
+
+def registration_fields(spec: SandboxDTO) -> dict[str, Any]:
+    """What an admin audit record says about a registration: everything it gives the sandbox, the token only as
+    `has_token` (a token hash would let whoever reads the ledger try guesses offline)."""
+    return {
+        F.SANDBOX: spec.id,
+        F.SOURCES: list(spec.sources),
+        F.POLICIES: list(spec.policies),
+        F.LABELS: dict(spec.labels),
+        F.DEFAULT_MODE: spec.default_mode,
+        F.LIMITS: None if spec.limits is None else spec.limits.model_dump(mode="json", exclude_none=True),
+        F.HAS_TOKEN: spec.token_sha256 is not None,
+    }
+
+
+def reload_fields(old_hash: str, result: ReloadResult, sandboxes: int) -> dict[str, Any]:
+    """What an admin audit record says about a reload. A failure names where its first errors are, not what they
+    say: a message may quote the file's text."""
+    fields: dict[str, Any] = {
+        F.OLD_POLICY_HASH: old_hash,
+        F.POLICY_HASH: result.policy_hash,
+        F.RULE_COUNT: result.rule_count,
+        F.SANDBOXES: sandboxes,
+    }
+    if not result.ok:
+        fields[F.ERRORS] = len(result.issues)
+        fields[F.ERROR_LOCATIONS] = [str(i.position) for i in result.issues[: F.MAX_ERROR_LOCATIONS]]
+    return fields
 
 
 def _read(path: str) -> dict[str, SandboxDTO]:

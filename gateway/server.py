@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import ssl
+import threading
 from pathlib import Path
 
 import certifi
@@ -25,13 +26,15 @@ from mitmproxy.master import Master
 from .addon import EgressAddon, GatewayState
 from .admin import AdminServer, AdminStartError
 from .audit import AuditLog, make_sinks
+from .audit import fields as F
 from .config import GatewayConfig
 from .credentials import CredentialBroker
 from .dns import DnsServer
 from .enforcement import report_drops
 from .metrics import GatewayMetrics
-from .policies import CompiledPolicy, SandboxDTO
-from .registry import PolicyRegistry, ReloadResult
+from .policies import CompiledPolicy, PolicyIssue, SandboxConflict, SandboxDTO
+from .policies._yaml import Position
+from .registry import PolicyRegistry, ReloadResult, registration_fields, reload_fields
 from .resolver import Resolver
 
 __all__ = ["Gateway", "GatewayStartError", "ensure_ca"]
@@ -122,6 +125,11 @@ class Gateway:
         self.audit.subscribe(self.metrics.observe_audit_record)
         # The file policy plus run-time sandbox registrations (admin API, VM runtime), persisted in the state dir.
         self.policies = PolicyRegistry(config.policy_files, config.state_dir, self.metrics, self._publish, policy)
+        # A change and its admin audit record happen under one lock, so the ledger has changes in the order they
+        # took effect. An unregistration is recorded once its leases are revoked; until then its id cannot be
+        # registered again (the records of one sandbox stay in order).
+        self._changes = threading.Lock()
+        self._leaving: set[str] = set()
         own = config.own_addresses()
         resolver = Resolver(config.resolver)
         self.broker = CredentialBroker(config.secrets, config.state_dir, _upstream_bundle(config), resolver)
@@ -157,24 +165,53 @@ class Gateway:
     def _publish(self, policy: CompiledPolicy) -> None:
         self.state.policy = policy  # one assignment: the addon and DNS read it per connection/query
 
-    def reload_policy(self) -> ReloadResult:
+    # Changes of the policy in force. Each writes one `admin` audit record (docs/audit.md) saying who made it:
+    # `via` one of F.ADMIN_VIAS, and for the admin API its `peer` ("unix" or the TCP client's "ip:port").
+
+    def reload_policy(self, *, via: str = F.VIA_PYTHON, peer: str | None = None) -> ReloadResult:
         """Load the policy files again and swap them in whole, with the registered sandboxes re-applied; a broken
         file keeps the old policy. The result lists every error (SIGHUP ignores it; the admin API answers it)."""
-        return self.policies.reload()
+        with self._changes:
+            old = self.policies.policy.policy_hash
+            result = self.policies.reload()
+            action = "policy_reloaded" if result.ok else "policy_reload_failed"
+            sandboxes = len(self.policies.policy.sandboxes)
+            self.audit.admin(action, via, peer, **reload_fields(old, result, sandboxes))
+        return result
 
-    def add_sandbox(self, spec: SandboxDTO, where: str = "registration") -> bool:
+    def add_sandbox(
+        self, spec: SandboxDTO, where: str = "registration", *, via: str = F.VIA_PYTHON, peer: str | None = None
+    ) -> bool:
         """Register (or replace) a run-time sandbox; True when new. Raises PolicyError (SandboxConflict for a clash
         with another sandbox) listing every problem; then nothing changed. Thread-safe."""
-        created = self.policies.register(spec, where)
-        self.register_sandbox(spec.id)  # it may lease dynamic secrets (again)
+        with self._changes:
+            if spec.id in self._leaving:
+                issue = f"sandbox {spec.id!r} is being unregistered; register it again once that has finished"
+                raise SandboxConflict([PolicyIssue(Position(where, 1, 1), issue)])
+            created = self.policies.register(spec, where)
+            self.register_sandbox(spec.id)  # it may lease dynamic secrets (again)
+            action = "sandbox_registered" if created else "sandbox_replaced"
+            fields = {F.POLICY_HASH: self.policies.policy.policy_hash, **registration_fields(spec)}
+            self.audit.admin(action, via, peer, **fields)
         return created
 
-    async def remove_sandbox(self, sandbox_id: str) -> int:
+    async def remove_sandbox(self, sandbox_id: str, *, via: str = F.VIA_PYTHON, peer: str | None = None) -> int:
         """Unregister a run-time sandbox and revoke its dynamic-secret leases (returns how many). Raises LookupError
         when no registration has this id (a policy file's sandbox is removed by editing the file)."""
-        if not self.policies.unregister(sandbox_id):
-            raise LookupError(sandbox_id)
-        return await self.unregister_sandbox(sandbox_id)
+        with self._changes:
+            spec = self.policies.registered.get(sandbox_id)
+            if spec is None or not self.policies.unregister(sandbox_id):
+                raise LookupError(sandbox_id)
+            self._leaving.add(sandbox_id)
+        revoked: int | None = None  # stays None when the revocation fails: the record says so
+        try:
+            revoked = await self.unregister_sandbox(sandbox_id)
+        finally:
+            with self._changes:
+                self._leaving.discard(sandbox_id)
+                fields = {F.POLICY_HASH: self.policies.policy.policy_hash, F.LEASES_REVOKED: revoked}
+                self.audit.admin("sandbox_unregistered", via, peer, **fields, **registration_fields(spec))
+        return revoked
 
     def _options(self) -> options.Options:
         return options.Options()
@@ -223,7 +260,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         # Not possible outside the main thread (tests embed the gateway in a thread).
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload_policy)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.reload_policy(via=F.VIA_SIGHUP))
         run: asyncio.Future[None] | None = None
         drops: asyncio.Task[None] | None = None
         if self.config.enforcement.report_drops:

@@ -186,6 +186,7 @@ def test_classification_grouping_and_skips(policy_path: Path) -> None:
         rec(reason="usage_limit_exceeded", verdict="deny", rule="read", limit="requests_per_minute:sandbox"),
         {"event": "decision", "phase": "dns", "host": "api.example.com", "reason": "allowed_by_rule"},
         {"event": "security", "kind": "ambiguous_path"},  # not a decision: not counted
+        {"event": "admin", "action": "sandbox_registered", "via": "admin_api", "sandbox": "sb"},  # neither
         rec(host=None),
     ]
     report = replay(records, policy)

@@ -58,11 +58,11 @@ class GatewayControl(Protocol):
 
     def listen_addresses(self) -> list[tuple[str, int]]: ...
 
-    def add_sandbox(self, spec: SandboxDTO, where: str = ...) -> bool: ...
+    def add_sandbox(self, spec: SandboxDTO, where: str = ..., *, via: str = ..., peer: str | None = ...) -> bool: ...
 
-    async def remove_sandbox(self, sandbox_id: str) -> int: ...
+    async def remove_sandbox(self, sandbox_id: str, *, via: str = ..., peer: str | None = ...) -> int: ...
 
-    def reload_policy(self) -> ReloadResult: ...
+    def reload_policy(self, *, via: str = ..., peer: str | None = ...) -> ReloadResult: ...
 
 
 class RecentDecisions:
@@ -261,7 +261,9 @@ def build_app(gateway: GatewayControl, recent: RecentDecisions, token: bytes | N
                 422, "invalid_registration", "the registration is invalid", _validation_issues(e, "body")
             ) from None
         try:
-            created = gateway.add_sandbox(spec, f"PUT /v1/sandboxes/{sandbox_id}")
+            created = gateway.add_sandbox(
+                spec, f"PUT /v1/sandboxes/{sandbox_id}", via=F.VIA_ADMIN_API, peer=_peer(request)
+            )
         except SandboxConflict as e:
             raise _Fail(
                 409, "conflict", "the registration clashes with another sandbox", _issue_views(e.issues)
@@ -277,13 +279,13 @@ def build_app(gateway: GatewayControl, recent: RecentDecisions, token: bytes | N
                 409, "defined_in_file", f"sandbox {sandbox_id!r} is defined in a policy file; edit it and reload"
             )
         try:
-            revoked = await gateway.remove_sandbox(sandbox_id)
+            revoked = await gateway.remove_sandbox(sandbox_id, via=F.VIA_ADMIN_API, peer=_peer(request))
         except LookupError:
             raise _Fail(404, "not_found", f"no registered sandbox {sandbox_id!r}") from None
         return _json(M.UnregisterView(id=sandbox_id, leases_revoked=revoked))
 
     async def reload(request: web.Request) -> web.Response:
-        result = gateway.reload_policy()
+        result = gateway.reload_policy(via=F.VIA_ADMIN_API, peer=_peer(request))
         if not result.ok:
             raise _Fail(
                 422,
@@ -368,6 +370,16 @@ def _on_unix_socket(request: web.Request) -> bool:
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     return sock is not None and sock.family == socket.AF_UNIX
+
+
+def _peer(request: web.Request) -> str:
+    """Who made an audited change: "unix", or the TCP client's "ip:port" (as audit records write addresses)."""
+    if _on_unix_socket(request):
+        return "unix"
+    peername = request.transport.get_extra_info("peername") if request.transport is not None else None
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return request.remote or "unknown"
 
 
 # -- serving --------------------------------------------------------------------------------------------------

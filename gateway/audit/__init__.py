@@ -1,4 +1,5 @@
-"""Audit records: what each sandbox sent where, under which rule and policy version. Never a secret value.
+"""Audit records: what each sandbox sent where, under which rule and policy version, and every change of the policy
+in force (admin records). Never a secret value.
 
 The log is a hash chain with signed checkpoints (docs/audit.md). Errors: `AuditLogError` (cannot open or continue
 a log), `AuditWriteError` (a record could not be made durable), `AuditKeyError` (a key file is unusable).

@@ -1,4 +1,5 @@
-"""Audit records as CEF lines (ArcSight Common Event Format, version 0), one line per decision or security event.
+"""Audit records as CEF lines (ArcSight Common Event Format, version 0), one line per decision, security event or
+admin change.
 
 `CEF:0|cube-egress|cube-egress|VERSION|SignatureID|Name|Severity|Extension`
 
@@ -8,6 +9,10 @@
   app, act, reason, in, out, cnt, proto, smac, msg, externalId) and labelled custom strings for the rest
   (cs1 sandbox, cs2 rule, cs3 policy hash, cs4 credential name, cs5 credential fingerprint, cs6 phase; cn1 upstream
   status, cn2 duration in ms, cn3 echo redactions; flexString1 DNS type, flexString2 DNS rcode).
+- Admin changes: SignatureID `admin:<action>`, `act` the action, `outcome` success or failure, `src`/`spt` the
+  admin API's TCP client; their custom fields are labelled for them: cs1 sandbox, cs2 via, cs3 policy hash (in force
+  after), cs4 old policy hash, cs5 sources, cs6 policies; cn1 rule count, cn2 leases revoked, cn3 errors; `msg` the
+  rest (mode, token or not, limits, labels, sandboxes, error locations).
 - Escaping (CEF specification): in the header `\\` and `|` are escaped with a backslash; in extension values `\\`
   and `=` are, and CR/LF become `\\r`/`\\n`. Newlines in header fields are written the same way so that one record
   is always one line. Keys are fixed ASCII names and need no escaping.
@@ -19,9 +24,11 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from .. import __version__
 from . import _fields as F
-from ._ocsf import SECURITY_EVENTS, Action, Severity, epoch_ms, is_event, is_ip, judge, split_address
+from ._ocsf import ADMIN_EVENTS, SECURITY_EVENTS, Action, Severity, epoch_ms, is_event, is_ip, judge, split_address
 
 __all__ = ["cef_fields", "format_cef", "to_cef"]
 
@@ -43,6 +50,21 @@ _CUSTOM = [
 ]
 
 
+_ADMIN_CUSTOM = [
+    ("cs1", "sandbox", F.SANDBOX),
+    ("cs2", "via", F.VIA),
+    ("cs3", "policyHash", F.POLICY_HASH),
+    ("cs4", "oldPolicyHash", F.OLD_POLICY_HASH),
+    ("cs5", "sources", F.SOURCES),
+    ("cs6", "policies", F.POLICIES),
+    ("cn1", "ruleCount", F.RULE_COUNT),
+    ("cn2", "leasesRevoked", F.LEASES_REVOKED),
+    ("cn3", "errors", F.ERRORS),
+]
+# What an admin record says beyond the fields above, in `msg` (key=value; JSON for lists and objects).
+_ADMIN_MSG = (F.DEFAULT_MODE, F.HAS_TOKEN, F.LIMITS, F.LABELS, F.SANDBOXES, F.ERROR_LOCATIONS)
+
+
 def _escape_header(value: str) -> str:
     return value.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "\\n").replace("\r", "\\r")
 
@@ -60,6 +82,8 @@ def cef_fields(record: Mapping[str, Any]) -> tuple[list[str], dict[str, str]] | 
     """The header fields (after `CEF:0`) and the extension as plain, unescaped strings; None for ledger records."""
     if not is_event(record):
         return None
+    if record.get(F.EVENT) == F.EVENT_ADMIN:
+        return _admin_fields(record)
     severity, action = judge(record)
     security = record.get(F.EVENT) == F.EVENT_SECURITY
     kind = str(record.get(F.KIND))
@@ -122,12 +146,58 @@ def cef_fields(record: Mapping[str, Any]) -> tuple[list[str], dict[str, str]] | 
     return header, ext
 
 
+def _admin_fields(record: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    severity, action = judge(record)
+    name = str(record.get(F.ACTION))
+    title = ADMIN_EVENTS.get(name, (name,))[0]
+    header = ["cube-egress", "cube-egress", __version__, f"admin:{name}", title, str(_CEF_SEVERITY[severity])]
+    ext: dict[str, str] = {
+        "rt": str(epoch_ms(record)),
+        "cat": F.EVENT_ADMIN,
+        "act": name,
+        "outcome": "failure" if action is Action.DENIED else "success",
+    }
+    seq = record.get("seq")
+    if isinstance(seq, int):
+        ext["externalId"] = str(seq)
+    ip, port = split_address(record.get(F.PEER))
+    if ip is not None:
+        key, address = _ip_key(ip, "src", "c6a2")
+        ext[key] = address
+        if key == "c6a2":
+            ext["c6a2Label"] = "sourceAddress"
+        if port is not None:
+            ext["spt"] = str(port)
+    for key, label, field in _ADMIN_CUSTOM:
+        value = record.get(field)
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        if value is not None and value != "":
+            ext[key] = str(value)
+            ext[f"{key}Label"] = label
+    rest = [(k, record[k]) for k in _ADMIN_MSG if record.get(k) is not None]
+    peer = record.get(F.PEER)
+    if peer is not None and ip is None:
+        rest.insert(0, (F.PEER, peer))  # "unix": the admin socket
+    if rest:
+        ext["msg"] = " ".join(f"{k}={_msg_value(v)}" for k, v in rest)
+    return header, ext
+
+
+def _msg_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | dict):
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return str(value)
+
+
 def format_cef(header: list[str], ext: Mapping[str, str]) -> str:
     head = "|".join(_escape_header(h) for h in header)
     return f"CEF:0|{head}|" + " ".join(f"{k}={_escape_value(v)}" for k, v in ext.items())
 
 
 def to_cef(record: Mapping[str, Any]) -> str | None:
-    """One CEF line (no newline) for a decision or security record; None for the ledger's own records."""
+    """One CEF line (no newline) for a decision, security or admin record; None for the ledger's own records."""
     fields = cef_fields(record)
     return None if fields is None else format_cef(*fields)

@@ -253,7 +253,7 @@ def iter_all(paths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
 
 
 def read_records(paths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
-    """The decision and security records of one or more audit files, in chain order (headers, checkpoints and
+    """The decision, security and admin records of one or more audit files, in chain order (headers, checkpoints and
     recovery records left out). Tolerates a torn final line; it does not verify the chain (`verify_files` does).
     """
     for record in iter_all(paths):

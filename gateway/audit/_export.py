@@ -1,8 +1,8 @@
-"""`cube-egress audit export`: the audit log's decision and security records as OCSF, CEF, CSV or JSON lines.
+"""`cube-egress audit export`: the audit log's decision, security and admin records as OCSF, CEF, CSV or JSON lines.
 
     cube-egress audit export --format ocsf|cef|csv|jsonl [--config FILE | FILE...]
         [--since WHEN] [--until WHEN] [--sandbox ID] [--verdict allow|deny] [--rule ID] [--credential NAME]
-        [--event decision|security] [--output FILE]
+        [--event decision|security|admin] [--output FILE]
 
 Records are read with `_chain.read_records` (chain order, headers/checkpoints/recovery records left out; the chain
 is not verified here: `audit verify` does that). Filters of different options must all match; an option given
@@ -55,6 +55,8 @@ CSV_COLUMNS = (
     F.SEQ,
     F.EVENT,
     F.KIND,
+    F.ACTION,  # admin records
+    F.VIA,
     F.SANDBOX,
     F.SOURCE,
     F.PHASE,
@@ -212,7 +214,7 @@ def add_export_parser(audit_subparsers: Any) -> None:
     """Add `export` to the subparsers of `cube-egress audit`."""
     p = audit_subparsers.add_parser(
         "export",
-        help="export decision and security records as OCSF, CEF, CSV or JSON lines",
+        help="export decision, security and admin records as OCSF, CEF, CSV or JSON lines",
         description=(
             "Filters of different options must all match; an option given twice matches either value. WHEN is "
             "ISO 8601 (2025-03-01, 2025-03-01T10:00:00Z; no zone means UTC) or a duration back from now (90s, 15m, "
@@ -228,7 +230,7 @@ def add_export_parser(audit_subparsers: Any) -> None:
     p.add_argument("--verdict", action="append", default=[], choices=("allow", "deny"), help="repeatable")
     p.add_argument("--rule", action="append", default=[], help="rule id (repeatable)")
     p.add_argument("--credential", action="append", default=[], help="credential name (repeatable)")
-    p.add_argument("--event", action="append", default=[], choices=(F.EVENT_DECISION, F.EVENT_SECURITY))
+    p.add_argument("--event", action="append", default=[], choices=(F.EVENT_DECISION, F.EVENT_SECURITY, F.EVENT_ADMIN))
     p.add_argument("-o", "--output", help="write here (created 0600) instead of standard output")
     p.set_defaults(func=cmd_export)
 
@@ -280,4 +282,3 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.output:
         print(f"exported {n} records to {args.output}", file=sys.stderr)
     return 0
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 # every record
 TIME = "time"  # RFC 3339, UTC, microseconds
-EVENT = "event"  # EVENT_DECISION | EVENT_SECURITY | EVENT_HEADER | EVENT_CHECKPOINT | EVENT_RECOVERY
+EVENT = "event"  # EVENT_DECISION | EVENT_SECURITY | EVENT_ADMIN | EVENT_HEADER | EVENT_CHECKPOINT | EVENT_RECOVERY
 SEQ = "seq"  # 1, 2, 3...: one chain per audit log, across restarts and rotated files; never reused
 PREV = "prev"  # hex SHA-256 of the previous record's line (its bytes without the newline); GENESIS for seq 1
 SANDBOX = "sandbox"
@@ -53,6 +53,27 @@ DETAIL = "detail"
 
 EVENT_DECISION = "decision"
 EVENT_SECURITY = "security"
+EVENT_ADMIN = "admin"  # a change of the policy in force: a registration, an unregistration, a reload
+
+# admin records (docs/audit.md): ACTION, VIA and PEER on each; SANDBOX and POLICY_HASH (the policy in force after)
+ACTION = "action"  # one of ADMIN_ACTIONS
+VIA = "via"  # one of ADMIN_VIAS: who made the change
+PEER = "peer"  # via admin_api: "unix", or the TCP client's "ip:port"; absent otherwise
+# the registration (sandbox_registered / _replaced / _unregistered): what it gave the sandbox; never its token
+SOURCES = "sources"
+POLICIES = "policies"
+LABELS = "labels"
+DEFAULT_MODE = "default_mode"
+LIMITS = "limits"  # {"requests_per_minute", "bytes_per_session", "mode"} or null
+HAS_TOKEN = "has_token"  # noqa: S105 (a name); whether a proxy token identifies it: never the token or its hash
+LEASES_REVOKED = "leases_revoked"  # sandbox_unregistered: dynamic-secret leases revoked (null: revocation failed)
+# reloads: the policy files' hash before (POLICY_HASH is the one in force after), and the policy in force after
+OLD_POLICY_HASH = "old_policy_hash"
+RULE_COUNT = "rule_count"
+SANDBOXES = "sandboxes"  # how many sandboxes (from files and registrations)
+ERRORS = "errors"  # policy_reload_failed: how many errors the files had
+ERROR_LOCATIONS = "error_locations"  # ... and where the first MAX_ERROR_LOCATIONS are ("file:line:col")
+MAX_ERROR_LOCATIONS = 5
 
 # chain records (docs/audit.md): they carry SEQ/PREV like every record and are not decisions
 EVENT_HEADER = "header"  # first record of every file
@@ -91,3 +112,17 @@ SECURITY_KINDS = frozenset(
         "correlation_invalid",  # a correlation header too long, not printable ASCII, or repeated (value not kept)
     }
 )
+
+ADMIN_ACTIONS = frozenset(
+    {
+        "sandbox_registered",
+        "sandbox_replaced",  # a registration of an id already registered, replacing it whole
+        "sandbox_unregistered",
+        "policy_reloaded",
+        "policy_reload_failed",  # the files were refused; the policy in force stayed
+    }
+)
+VIA_ADMIN_API = "admin_api"
+VIA_SIGHUP = "sighup"
+VIA_PYTHON = "python"  # gateway.server.Gateway called in-process
+ADMIN_VIAS = frozenset({VIA_ADMIN_API, VIA_SIGHUP, VIA_PYTHON})

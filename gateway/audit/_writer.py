@@ -1,4 +1,4 @@
-"""The audit log: one canonical JSON line per decision and per security event, in a signed hash chain.
+"""The audit log: one canonical JSON line per decision, security event and admin change, in a signed hash chain.
 
 Lines are built from plain values (no mitmproxy objects), serialised with orjson with sorted keys so that the same
 record always has the same bytes, and appended with a single write() each so concurrent readers never see half a
@@ -250,6 +250,14 @@ class AuditLog:
     def security(self, kind: str, **fields: Any) -> None:
         assert kind in F.SECURITY_KINDS, kind
         self.write({F.EVENT: F.EVENT_SECURITY, F.KIND: kind, **fields})
+
+    def admin(self, action: str, via: str, peer: str | None = None, **fields: Any) -> int:
+        """A change of the policy in force (one of `F.ADMIN_ACTIONS`) made `via` one of `F.ADMIN_VIAS` (the admin
+        API names its `peer`); returns its seq."""
+        assert action in F.ADMIN_ACTIONS, action
+        assert via in F.ADMIN_VIAS, via
+        who = {F.VIA: via} if peer is None else {F.VIA: via, F.PEER: peer}
+        return self.write({F.EVENT: F.EVENT_ADMIN, F.ACTION: action, **who, **fields})
 
     async def durable(self, seq: int) -> None:
         """Return once record `seq` is on disk (fsynced). Immediate with durability `none` (nothing is ever

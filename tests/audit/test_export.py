@@ -36,7 +36,7 @@ from gateway.audit._export import (
     parse_when,
     unprotect_cell,
 )
-from gateway.audit._ocsf import OCSF_VERSION, SECURITY_EVENTS, event_uid, to_ocsf
+from gateway.audit._ocsf import ADMIN_EVENTS, OCSF_VERSION, SECURITY_EVENTS, event_uid, to_ocsf
 from gateway.cli import main
 
 PH = "9f2c" + "0" * 60  # a policy hash
@@ -114,6 +114,29 @@ SHAPES = [
 ]
 
 
+# Admin records (gateway/server.py, `Gateway.add_sandbox` / `remove_sandbox` / `reload_policy`): every action, every
+# `via`, a TCP peer over IPv4 and IPv6, the admin socket, no peer at all.
+ADMIN_RECORDS: list[dict[str, Any]] = [
+    {"event": "admin", "time": "2025-03-01T10:01:00Z", "action": "sandbox_registered", "via": "admin_api",
+     "peer": "unix", "sandbox": "agent-9", "sources": ["10.0.0.9/32"], "policies": ["base", "llm"],
+     "labels": {"team": "ml"}, "default_mode": "enforce", "limits": {"requests_per_minute": 60, "mode": "enforce"},
+     "has_token": True, "policy_hash": PH},
+    {"event": "admin", "time": "2025-03-01T10:01:01Z", "action": "sandbox_replaced", "via": "admin_api",
+     "peer": "198.51.100.4:40100", "sandbox": "agent-9", "sources": ["10.0.0.9/32", "10.0.0.10/32"],
+     "policies": ["base"], "labels": {}, "default_mode": "report", "limits": None, "has_token": False,
+     "policy_hash": PH},
+    {"event": "admin", "time": "2025-03-01T10:01:02Z", "action": "sandbox_unregistered", "via": "python",
+     "sandbox": "agent-9", "sources": ["10.0.0.9/32"], "policies": ["base"], "labels": {}, "default_mode": "enforce",
+     "limits": None, "has_token": False, "policy_hash": PH, "leases_revoked": 2},
+    {"event": "admin", "time": "2025-03-01T10:01:03Z", "action": "policy_reloaded", "via": "sighup",
+     "old_policy_hash": PH, "policy_hash": "1" * 64, "rule_count": 12, "sandboxes": 3},
+    {"event": "admin", "time": "2025-03-01T10:01:04Z", "action": "policy_reload_failed", "via": "admin_api",
+     "peer": "2001:db8::5:40200", "old_policy_hash": PH, "policy_hash": PH, "rule_count": 12, "sandboxes": 3,
+     "errors": 7, "error_locations": ["/etc/p.yaml:3:5", "/etc/p.yaml:9:1", "config:1:1"]},
+]  # fmt: skip
+ADMIN_SHAPES = ["registered", "replaced", "unregistered", "reloaded", "reload failed"]
+
+
 @cache
 def _ocsf() -> OcsfJsonSchemaEmbedded:
     return OcsfJsonSchemaEmbedded(get_ocsf_schema(version=OCSF_VERSION))
@@ -179,6 +202,89 @@ def test_the_validator_rejects_broken_events() -> None:
         lambda e: e.update(made_up=1),  # unknown attribute
         lambda e: e.update(type_uid=400201),  # disagrees with class and activity
         lambda e: e["metadata"].update(profiles=[]),  # firewall_rule, disposition_id... need security_control
+    ):
+        event = copy.deepcopy(good)
+        mutate(event)
+        broken.append(ocsf_errors(event))
+    assert all(broken), broken
+
+
+@pytest.mark.parametrize("record", ADMIN_RECORDS, ids=ADMIN_SHAPES)
+def test_ocsf_admin_event_validates_against_the_ocsf_schema(record: dict[str, Any]) -> None:
+    event = to_ocsf(record)
+    assert event is not None
+    assert ocsf_errors(event) == []
+    assert (event["class_uid"], event["category_uid"], event["category_name"]) == (6003, 6, "Application Activity")
+    assert event["metadata"]["profiles"] == [] and event["metadata"]["event_code"] == record["action"]
+    assert event["api"] == {"operation": record["action"]} and event["actor"] == {"app_name": record["via"]}
+    assert "null" not in json.dumps(event)
+
+
+def test_every_admin_action_has_a_title_activity_and_severity() -> None:
+    assert set(ADMIN_EVENTS) == set(fields.ADMIN_ACTIONS)
+    assert {r["action"] for r in ADMIN_RECORDS} == set(fields.ADMIN_ACTIONS)
+    assert {r["via"] for r in ADMIN_RECORDS} == set(fields.ADMIN_VIAS)
+
+
+def test_ocsf_admin_events() -> None:
+    events = [to_ocsf(r) for r in ADMIN_RECORDS]
+    got = [(e["activity_id"], e["activity_name"], e["status_id"], e["severity_id"]) for e in events if e]
+    assert got == [
+        (1, "Create", 1, 1),  # registered
+        (3, "Update", 1, 1),  # replaced
+        (4, "Delete", 1, 1),  # unregistered
+        (3, "Update", 1, 1),  # reloaded
+        (3, "Update", 2, 2),  # reload refused: a failure, low
+    ]
+    registered, replaced, unregistered, reloaded, failed = (e or {} for e in events)
+    assert registered["src_endpoint"] == {"name": "unix"}
+    assert registered["resources"] == [
+        {
+            "type": "sandbox",
+            "uid": "agent-9",
+            "name": "agent-9",
+            "data": {
+                "sources": ["10.0.0.9/32"],
+                "policies": ["base", "llm"],
+                "labels": {"team": "ml"},
+                "default_mode": "enforce",
+                "limits": {"requests_per_minute": 60, "mode": "enforce"},
+                "has_token": True,
+            },
+        }
+    ]
+    assert registered["unmapped"] == {"policy_hash": PH}  # no OCSF attribute for it outside security_control
+    assert replaced["src_endpoint"] == {"ip": "198.51.100.4", "port": 40100}
+    assert "limits" not in replaced["resources"][0]["data"]  # null: left out
+    assert unregistered["src_endpoint"] == {"name": "python"}
+    assert unregistered["unmapped"] == {"policy_hash": PH, "leases_revoked": 2}
+    assert reloaded["src_endpoint"] == {"name": "sighup"}
+    assert reloaded["resources"] == [
+        {"type": "policy", "uid": "1" * 64, "name": "cube-egress policy", "data": {"rule_count": 12, "sandboxes": 3}}
+    ]
+    assert reloaded["unmapped"] == {"old_policy_hash": PH}
+    assert failed["src_endpoint"] == {"ip": "2001:db8::5", "port": 40200}
+    assert (failed["status"], failed["status_detail"]) == (
+        "Failure",
+        "7 error(s): /etc/p.yaml:3:5, /etc/p.yaml:9:1, config:1:1",
+    )
+    assert failed["unmapped"]["errors"] == 7 and len(failed["unmapped"]["error_locations"]) == 3
+    assert failed["message"].startswith("Policy reload refused")
+
+
+def test_the_validator_rejects_broken_admin_events() -> None:
+    good = to_ocsf(ADMIN_RECORDS[0])
+    assert good is not None and ocsf_errors(good) == []
+    broken = []
+    for mutate in (
+        lambda e: e.pop("actor"),  # required
+        lambda e: e.pop("src_endpoint"),  # required
+        lambda e: e.update(api={}),  # api.operation is required
+        lambda e: e.update(activity_id=5, type_uid=600305),  # API Activity has no activity 5
+        lambda e: e.update(src_endpoint={"port": 1}),  # an endpoint needs an ip, a name, a uid...
+        lambda e: e["resources"][0].pop("uid") and e["resources"][0].pop("name"),  # a resource needs one of them
+        lambda e: e.update(action_id=1),  # a security_control attribute, and the event declares no profile
+        lambda e: e.update(category_uid=4),  # disagrees with the class
     ):
         event = copy.deepcopy(good)
         mutate(event)
@@ -334,6 +440,38 @@ def test_cef_round_trip(record: dict[str, Any]) -> None:
     assert header[:2] == ["cube-egress", "cube-egress"] and 0 <= int(header[5]) <= 10
 
 
+@pytest.mark.parametrize("record", ADMIN_RECORDS, ids=ADMIN_SHAPES)
+def test_cef_admin_round_trip(record: dict[str, Any]) -> None:
+    fields_ = cef_fields(record)
+    assert fields_ is not None
+    header, ext = fields_
+    assert parse_cef(format_cef(header, ext)) == (header, ext)
+    assert header[3] == f"admin:{record['action']}" and header[4] == ADMIN_EVENTS[record["action"]][0]
+    assert (ext["cat"], ext["act"], ext["cs2Label"], ext["cs2"]) == ("admin", record["action"], "via", record["via"])
+
+
+def test_cef_admin_fields() -> None:
+    header, reg = cef_fields(ADMIN_RECORDS[0]) or ([], {})
+    assert header[5] == "1" and reg["outcome"] == "success"
+    assert (reg["cs1"], reg["cs3"], reg["cs5"], reg["cs5Label"], reg["cs6"]) == (
+        "agent-9",
+        PH,
+        "10.0.0.9/32",
+        "sources",
+        "base,llm",
+    )
+    assert "src" not in reg and reg["msg"].startswith("peer=unix default_mode=enforce has_token=true limits={")
+    _, replaced = cef_fields(ADMIN_RECORDS[1]) or ([], {})
+    assert (replaced["src"], replaced["spt"], replaced["cs5"]) == ("198.51.100.4", "40100", "10.0.0.9/32,10.0.0.10/32")
+    _, gone = cef_fields(ADMIN_RECORDS[2]) or ([], {})
+    assert (gone["cn2"], gone["cn2Label"]) == ("2", "leasesRevoked")
+    header, failed = cef_fields(ADMIN_RECORDS[4]) or ([], {})
+    assert header[5] == "3" and failed["outcome"] == "failure"
+    assert (failed["c6a2"], failed["spt"], failed["cn3"], failed["cn3Label"]) == ("2001:db8::5", "40200", "7", "errors")
+    assert (failed["cs3"], failed["cs4"], failed["cs4Label"], failed["cn1"]) == (PH, PH, "oldPolicyHash", "12")
+    assert 'error_locations=["/etc/p.yaml:3:5","/etc/p.yaml:9:1","config:1:1"]' in failed["msg"]
+
+
 def test_cef_escapes_what_would_break_a_line_or_a_field() -> None:
     nasty = "a|b\\c=d\nnext\r\nline =x \\= \\|"
     record = {
@@ -416,6 +554,51 @@ def test_csv_round_trip_through_dictreader(audit_file: Path) -> None:
         assert extra == {k: v for k, v in record.items() if k not in CSV_COLUMNS}
     last = rows[-1]
     assert last["sandbox"].startswith("'=") and last["rule"].startswith("'+") and last["error"] == "''already quoted"
+
+
+def test_csv_admin_rows_round_trip(tmp_path: Path) -> None:
+    buf = io.StringIO(newline="")
+    assert export(ADMIN_RECORDS, "csv", buf) == len(ADMIN_RECORDS)
+    rows = list(csv.DictReader(io.StringIO(buf.getvalue(), newline="")))
+    assert [(r["event"], r["action"], r["via"]) for r in rows] == [
+        ("admin", r["action"], r["via"]) for r in ADMIN_RECORDS
+    ]
+    for row, record in zip(rows, ADMIN_RECORDS, strict=True):
+        for column in CSV_COLUMNS[:-2]:
+            assert unprotect_cell(row[column]) == _plain(record.get(column)), column
+        extra = json.loads(unprotect_cell(row["extra"]))
+        assert extra == {k: v for k, v in record.items() if k not in CSV_COLUMNS}
+    assert json.loads(rows[0]["extra"])["sources"] == ["10.0.0.9/32"]
+
+
+def test_export_command_admin_records_from_the_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Admin records written by the real log (`AuditLog.admin`), exported by the command in every format, alone
+    with `--event admin`."""
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(str(path), durability="none") as audit:
+        audit.write(RECORDS[0])
+        for record in ADMIN_RECORDS:
+            rest = {k: v for k, v in record.items() if k not in ("event", "time", "action", "via")}
+            assert audit.admin(record["action"], **{"via": record["via"], **rest}) > 0
+        audit.write(RECORDS[8])
+    with pytest.raises(AssertionError):
+        AuditLog(None).admin("sandbox_deleted", "admin_api")  # a closed set, like the security kinds
+    with pytest.raises(AssertionError):
+        AuditLog(None).admin("policy_reloaded", "cron")
+    outputs = {}
+    for fmt in ("jsonl", "ocsf", "cef", "csv"):
+        assert main(["audit", "export", "--format", fmt, "--event", "admin", str(path)]) == 0
+        outputs[fmt] = capsys.readouterr().out.splitlines()
+    lines = [json.loads(x) for x in outputs["jsonl"]]
+    assert [r["action"] for r in lines] == [r["action"] for r in ADMIN_RECORDS]
+    assert all(r["event"] == "admin" for r in lines)
+    events = list(iter_ocsf(outputs["ocsf"]))
+    assert [e["class_uid"] for e in events] == [6003] * 5
+    assert [e["metadata"]["uid"] for e in events] == [event_uid(r) for r in lines]
+    assert [parse_cef(x)[0][3] for x in outputs["cef"]] == [f"admin:{r['action']}" for r in ADMIN_RECORDS]
+    assert len(outputs["csv"]) == 1 + len(ADMIN_RECORDS)
+    assert main(["audit", "export", "--format", "jsonl", str(path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2 + len(ADMIN_RECORDS)  # all events, without --event
 
 
 def test_csv_row_is_stable() -> None:
