@@ -56,10 +56,12 @@ GUEST_DIR = Path(__file__).with_name("guest")
 AGENT_SOURCE = GUEST_DIR / "agent.c"
 INIT_SCRIPT = GUEST_DIR / "init.sh"
 
-BASE_CMDLINE = "console=ttyS0 quiet panic=-1 tsc_early_khz=2100000 ipv6.disable=1"
+BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2100000 ipv6.disable=1"
 """Without tsc_early_khz, TCG boots hang at random after "Marking TSC unstable" (docs/runtime.md). Sandboxes have
 no IPv6 (the guard drops every IPv6 frame), so the guest does not send any: no router solicitations or MLD reports
-filling the drop reports with noise."""
+filling the drop reports with noise. A panic reboots at once (panic=-1) by a triple fault (reboot=t): the microvm
+machine has no keyboard controller or ACPI reset to rely on, and QEMU runs with -no-reboot, so the VM ends and the
+crash is noticed (without reboot=t the default method sometimes hangs there)."""
 
 AGENT_CFLAGS = (
     "-static",

@@ -76,7 +76,7 @@ def test_build_is_content_addressed(state_dir: Path, ca_pem: Path, tmp_path: Pat
     first = build_image(state_dir, ca_cert=ca_pem, progress=said.append)
     assert any(m.startswith(f"building image {first.digest[:12]}") for m in said)
     assert first.initrd.parent == state_dir / "images" / first.digest
-    assert first.cmdline == "console=ttyS0 quiet panic=-1 tsc_early_khz=2100000 ipv6.disable=1"
+    assert first.cmdline == "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2100000 ipv6.disable=1"
     assert first.rootfs is None
     before = first.initrd.stat()
 

@@ -129,11 +129,15 @@ def test_killed_qemu_is_detected_and_destroy_cleans_up(snapshot: Snapshot, vm_ro
 
 def test_guest_crash_is_detected(snapshot: Snapshot, vm_root: Path) -> None:
     vm = MicroVM.restore(snapshot, run_root=vm_root)
+    assert vm.exec(["true"]).exit_code == 0  # the agent answers: the trigger below reaches the guest
     # A kernel panic: panic=-1 reboots at once, and QEMU runs with -no-reboot, so the process ends. The agent
     # dies with the guest before it can answer.
     with contextlib.suppress(Exception):
         vm.agent.exec(["sh", "-c", "echo c > /proc/sysrq-trigger"], timeout_s=5, timeout=5)
-    wait_for(lambda: vm.state is VMState.FAILED, timeout=60, what="the crash to be noticed")
+    try:
+        wait_for(lambda: vm.state is VMState.FAILED, timeout=60, what="the crash to be noticed")
+    except AssertionError as e:
+        raise AssertionError(f"{e} (state {vm.state}); the guest's console:\n{vm.console_tail(40)}") from None
     assert vm.failure is not None and "guest" in vm.failure
     assert "sysrq" in vm.console_tail(200).lower()
     vm.destroy()
